@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test` (both install first when needed).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install deps ops ops-cuda-check test test-fast demo lint clean
+
+install: deps ops
+
+deps:
+	$(PIP) install -q -r requirements.txt
+
+# Compiled deformable attention (C++ CPU kernel always, CUDA kernel when nvcc + CUDA torch exist).
+# A failed build never blocks import: the pure-PyTorch path is used instead.
+ops:
+	cd models/ops && $(PYTHON) setup.py build_ext --inplace || echo "warning: MSDeformAttn extension not built; using the pure-PyTorch path"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+demo: install
+	PYTHONUNBUFFERED=1 $(PYTHON) scripts/demo.py --output_dir $(DEMO_DIR)
+
+lint:
+	ruff check .
+
+clean:
+	rm -rf build models/ops/build models/ops/*.so $(DEMO_DIR)

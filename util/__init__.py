@@ -1,0 +1,1 @@
+"""Utilities shared by models, data sets and the training engine."""

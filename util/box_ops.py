@@ -1,0 +1,71 @@
+"""Box conventions and geometry.
+
+Boxes are normalised (cx, cy, w, h) unless a name says ``xyxy`` (x0, y0, x1, y1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def box_cxcywh_to_xyxy(x: Tensor) -> Tensor:
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1)."""
+    cx, cy, w, h = x.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(x: Tensor) -> Tensor:
+    """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h)."""
+    x0, y0, x1, y1 = x.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of [N, 4] xyxy boxes."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU and union of xyxy boxes: [N, 4], [M, 4] -> ([N, M], [N, M])."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2 - inter
+    return inter / union, union
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise generalised IoU (https://giou.stanford.edu/) of xyxy boxes: [N, M], in [-1, 1].
+
+    Degenerate boxes (x1 < x0 or y1 < y0) would give inf/nan, so they are rejected.
+    """
+    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
+        raise ValueError("generalized_box_iou: boxes1 has x1 < x0 or y1 < y0")
+    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+        raise ValueError("generalized_box_iou: boxes2 has x1 < x0 or y1 < y0")
+    iou, union = box_iou(boxes1, boxes2)
+    lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    area = wh[..., 0] * wh[..., 1]
+    return iou - (area - union) / area
+
+
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of matched pairs of xyxy boxes: [N, 4], [N, 4] -> [N] (no N x N matrix)."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area1 + area2 - inter
+    iou = inter / union
+    lt = torch.min(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.max(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    area = wh[:, 0] * wh[:, 1]
+    return iou - (area - union) / area
