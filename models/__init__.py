@@ -1,0 +1,14 @@
+"""Model zoo: ``build_model(args) -> (model, criterion, postprocessors)`` via the registry."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import deformable_detr  # noqa: F401  (registers deformable_detr)
+from .registry import ADDONS, MODELS, register_addon, register_model  # noqa: F401
+
+
+def build_model(args: Any) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
+    """Build ``MODELS[args.model]`` with its criterion and post-processors."""
+    return MODELS.get(args.model)(args)

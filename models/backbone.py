@@ -1,0 +1,192 @@
+"""Backbones: torchvision ResNets (frozen BatchNorm, optional DC5) and timm feature extractors.
+
+Nothing is downloaded: pretrained weights come from a local file (``--pretrained_backbone_path``).
+Parameter names follow the official Deformable-DETR (``backbone.0.body.*``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from util.misc import NestedTensor
+
+logger = logging.getLogger(__name__)
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers."""
+
+    def __init__(self, n: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+        self.eps = eps
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+def load_local_weights(module: nn.Module, path: str, name: str) -> None:
+    """Load backbone weights from a local file (torchvision/timm state dict, or a dict under 'model').
+
+    Classification-head keys are ignored; any other missing key is reported.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--pretrained_backbone_path: {path} does not exist (nothing is downloaded; "
+                                f"put the {name} weights there)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+        raise ValueError(f"--pretrained_backbone_path: cannot read {path}: {e}") from e
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(("fc.", "head", "classifier"))]
+    logger.info("loaded %s weights from %s (missing %d, unexpected %d)", name, path, len(missing), len(unexpected))
+    if missing:
+        logger.warning("backbone weights missing from %s: %s", path, missing[:10])
+
+
+class BackboneBase(nn.Module):
+    """Runs a feature extractor and resizes the padding mask to every returned level.
+
+    Attributes:
+        strides: stride of every returned level.
+        num_channels: channels of every returned level.
+    """
+
+    def __init__(self, body: nn.Module, strides: list[int], num_channels: list[int], channels_last: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.strides = strides
+        self.num_channels = num_channels
+        self.channels_last = channels_last
+
+    def forward(self, tensor_list: NestedTensor) -> list[NestedTensor]:
+        feats = self.body(tensor_list.tensors)
+        out = []
+        for x in feats.values() if isinstance(feats, dict) else feats:
+            if self.channels_last:  # timm transformers may return NHWC maps
+                x = x.permute(0, 3, 1, 2)
+            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out.append(NestedTensor(x.contiguous(), mask))
+        return out
+
+
+class ResNetBackbone(BackboneBase):
+    """torchvision ResNet with FrozenBatchNorm2d; conv1 and layer1 are always frozen (official)."""
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 pretrained_path: str | None = None) -> None:
+        if name not in RESNETS:
+            raise ValueError(f"unknown ResNet {name!r}; choose from {RESNETS} or a timm model as timm:<name>")
+        net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                                norm_layer=FrozenBatchNorm2d)
+        if pretrained_path:
+            load_local_weights(net, pretrained_path, name)
+        for pname, p in net.named_parameters():
+            if not train_backbone or not any(layer in pname for layer in ("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+        layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
+        strides = [8, 16, 32] if return_interm_layers else [32]
+        if dilation:
+            strides[-1] = 16
+        channels = [self._out_channels(getattr(net, layer)) for layer in layers]
+        body = IntermediateLayerGetter(net, return_layers={layer: str(i) for i, layer in enumerate(layers)})
+        super().__init__(body, strides, channels, channels_last=False)
+
+    @staticmethod
+    def _out_channels(layer: nn.Sequential) -> int:
+        block = layer[-1]
+        norm = block.bn3 if hasattr(block, "bn3") else block.bn2
+        return int(norm.weight.shape[0])
+
+
+class TimmBackbone(BackboneBase):
+    """Any timm model with ``features_only`` (Swin, ConvNeXt, ...): the last three stages, all trained."""
+
+    ALIASES = {
+        "swin_tiny": "swin_tiny_patch4_window7_224",
+        "swin_small": "swin_small_patch4_window7_224",
+        "swin_base": "swin_base_patch4_window7_224",
+        "swin_large": "swin_large_patch4_window7_224",
+        "swin_large_window12": "swin_large_patch4_window12_384",
+        "convnext_tiny": "convnext_tiny",
+    }
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool,
+                 pretrained_path: str | None = None, drop_path_rate: float = 0.0) -> None:
+        import timm  # imported lazily: only timm backbones need it
+
+        model_name = self.ALIASES.get(name, name)
+        kwargs = {"features_only": True, "pretrained": False, "drop_path_rate": drop_path_rate}
+        if "swin" in model_name:
+            kwargs["strict_img_size"] = False  # any input size, padded to the window inside timm
+        body = timm.create_model(model_name, **kwargs)
+        n = len(body.feature_info.channels())
+        idx = list(range(n - 3, n)) if return_interm_layers else [n - 1]
+        body = timm.create_model(model_name, out_indices=tuple(idx), **kwargs)
+        if pretrained_path:
+            load_local_weights(body, pretrained_path, model_name)
+        if not train_backbone:
+            body.requires_grad_(False)
+        fmt = getattr(body, "output_fmt", "NCHW")
+        super().__init__(body, body.feature_info.reduction(), body.feature_info.channels(),
+                         channels_last=str(fmt).endswith("NHWC"))
+
+
+class Joiner(nn.Sequential):
+    """backbone.0 = feature extractor, backbone.1 = position encoding (official module names)."""
+
+    def __init__(self, backbone: BackboneBase, position_embedding: nn.Module) -> None:
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        feats = self[0](tensor_list)
+        pos = [self[1](x).to(x.tensors.dtype) for x in feats]
+        return feats, pos
+
+
+def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: float, num_feature_levels: int,
+                   dilation: bool = False, pretrained_path: str | None = None,
+                   drop_path_rate: float = 0.0) -> Joiner:
+    """``name``: resnet18/34/50/101, or a timm model (``timm:<name>`` or a known alias like swin_tiny)."""
+    train_backbone = lr_backbone > 0
+    multi_scale = num_feature_levels > 1
+    if pretrained_path is None:
+        logger.warning("backbone %s starts from random weights: pass --pretrained_backbone_path with local "
+                       "ImageNet weights to reproduce the papers (nothing is downloaded)", name)
+    if name in RESNETS:
+        body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path)
+    else:
+        timm_name = name.removeprefix("timm:")
+        if dilation:
+            raise ValueError("--dilation (DC5) is only available for ResNet backbones")
+        body = TimmBackbone(timm_name, train_backbone, multi_scale, pretrained_path, drop_path_rate)
+    return Joiner(body, position_embedding)

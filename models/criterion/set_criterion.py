@@ -1,0 +1,181 @@
+"""SetCriterion: matching + focal/L1/GIoU losses for the main queries, aux layers, encoder and add-ons.
+
+Follows specs/deformable_family.md §1.13. Every supervised set of predictions is a ``LossGroup``
+with its own matcher (or fixed indices) and its own all-reduced ``num_boxes``; all groups' box
+counts are all-reduced in ONE collective.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from util.misc import get_world_size, is_dist_avail_and_initialized
+
+from .base import TERMS, AddOn, Indices, LossGroup, LossSpec, loss_key
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25,
+                       gamma: float = 2.0) -> Tensor:
+    """Focal loss (RetinaNet) averaged over the query axis, summed, divided by num_boxes.
+
+    Args:
+        inputs: [B, Q, K] logits; targets: [B, Q, K] one-hot (or soft) targets.
+    """
+    prob = inputs.sigmoid()
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_boxes
+
+
+def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, src_idx
+
+
+class SetCriterion(nn.Module):
+    """Loss of a DETR-family detector with composable add-ons.
+
+    ``criterion(outputs, targets)`` returns the loss dict with the official keys (``loss_ce``,
+    ``loss_bbox``, ``loss_giou``, ``_0``.. for aux layers, ``_enc`` for two-stage proposals, add-on
+    suffixes), plus logged-only ``class_error`` and ``cardinality_error*``. ``weight_dict`` holds the
+    weight of every loss key; the total loss is ``sum(loss[k] * weight_dict[k])``.
+
+    Args:
+        num_classes: K, the number of class logits.
+        matcher: default assigner (Hungarian).
+        coefs: {"loss_ce", "loss_bbox", "loss_giou"} coefficients of the main queries.
+        num_aux_layers: decoder layers before the last that are supervised (0 without aux loss).
+        two_stage: supervise the encoder proposals (suffix ``enc``, class-agnostic targets).
+        enc_coefs: coefficients of the encoder loss (default: ``coefs``).
+        focal_alpha, focal_gamma: focal-loss parameters.
+        addons: enabled add-ons, in their fixed order.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, coefs: Mapping[str, float], num_aux_layers: int,
+                 two_stage: bool = False, enc_coefs: Mapping[str, float] | None = None, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0, addons: Sequence[AddOn] = ()) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.two_stage = two_stage
+        self.addons = list(addons)
+        main = LossSpec("", num_aux_layers, dict(coefs))
+        # The official weight_dict always declares the _enc keys (also one-stage); keep it identical.
+        self.specs = [main, LossSpec("enc", 0, dict(enc_coefs or coefs))]
+        for addon in self.addons:
+            self.specs.extend(addon.loss_specs(main))
+        self.weight_dict: dict[str, float] = {}
+        for spec in self.specs:
+            self.weight_dict.update(spec.weight_dict())
+
+    # ---------------------------------------------------------------------------------- terms
+    def loss_labels(self, outputs: Mapping[str, Tensor], targets, indices: Indices, num_boxes: Tensor,
+                    log: bool = False) -> dict[str, Tensor]:
+        """Sigmoid focal loss over all queries and classes; unmatched queries are background."""
+        logits = outputs["pred_logits"].float()
+        idx = _src_permutation_idx(indices)
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=logits.dtype,
+                             device=logits.device)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[idx] = target_classes_o
+        onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
+        onehot = onehot[:, :, :-1]
+        loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma) * logits.shape[1]
+        losses = {"loss_ce": loss_ce}
+        if log:
+            matched = logits[idx]
+            if matched.numel() == 0:
+                acc = torch.zeros((), device=logits.device)
+            else:
+                acc = (matched.argmax(-1) == target_classes_o).float().mean() * 100
+            losses["class_error"] = 100 - acc
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs: Mapping[str, Tensor], targets, indices: Indices,
+                         num_boxes: Tensor) -> dict[str, Tensor]:
+        """Logged only (meaningless with sigmoid logits, kept for log compatibility)."""
+        logits = outputs["pred_logits"]
+        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs: Mapping[str, Tensor], targets, indices: Indices,
+                   num_boxes: Tensor) -> dict[str, Tensor]:
+        """L1 and GIoU of the matched boxes (cxcywh), normalised by num_boxes."""
+        idx = _src_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx].float()
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0).float()
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    # ---------------------------------------------------------------------------------- groups
+    def main_groups(self, outputs: Mapping[str, Any], targets) -> list[LossGroup]:
+        """The main queries (last + aux layers) and, in two-stage, the encoder proposals."""
+        main = {k: outputs[k] for k in ("pred_logits", "pred_boxes", "aux_outputs") if k in outputs}
+        groups = [LossGroup("", main, targets, log=True)]
+        if self.two_stage and "enc_outputs" in outputs:
+            bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            groups.append(LossGroup("enc", outputs["enc_outputs"], bin_targets))
+        return groups
+
+    def _num_boxes(self, groups: Sequence[LossGroup], device: torch.device) -> list[Tensor]:
+        counts = [float(sum(len(t["labels"]) for t in g.targets)) if g.num_boxes is None else float(g.num_boxes)
+                  for g in groups]
+        counts = torch.as_tensor(counts, dtype=torch.float, device=device)
+        if is_dist_avail_and_initialized():
+            dist.all_reduce(counts)
+        return list(torch.clamp(counts / get_world_size(), min=1).unbind(0))
+
+    def group_losses(self, group: LossGroup, num_boxes: Tensor) -> dict[str, Tensor]:
+        """Losses of one group on its last layer and every aux layer, with generated keys."""
+        layers = [(None, group.outputs)] + list(enumerate(group.outputs.get("aux_outputs", [])))
+        matcher = group.matcher or self.matcher
+        losses: dict[str, Tensor] = {}
+        for layer, out in layers:
+            indices = group.indices if group.indices is not None else matcher(out, group.targets)
+            terms = self.loss_labels(out, group.targets, indices, num_boxes, log=group.log and layer is None)
+            terms.update(self.loss_cardinality(out, group.targets, indices, num_boxes))
+            terms.update(self.loss_boxes(out, group.targets, indices, num_boxes))
+            for name, value in terms.items():
+                losses[loss_key(name, layer, group.suffix) if name != "class_error" else
+                       loss_key(name, None, group.suffix)] = value
+        return losses
+
+    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Loss dict of the main branch and every add-on group (see the class docstring)."""
+        groups = self.main_groups(outputs, targets)
+        for addon in self.addons:
+            groups.extend(addon.loss_groups(outputs, targets))
+        device = outputs["pred_logits"].device
+        losses: dict[str, Tensor] = {}
+        for group, num_boxes in zip(groups, self._num_boxes(groups, device)):
+            losses.update(self.group_losses(group, num_boxes))
+        undeclared = [k for k in losses if k.startswith("loss_") and k not in self.weight_dict]
+        if undeclared:
+            raise KeyError(f"loss keys without a declared weight (missing LossSpec): {undeclared}")
+        return losses
+
+    def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """sum(loss[k] * weight_dict[k]) over the weighted keys present."""
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+
+
+def main_coefs(args: Any) -> dict[str, float]:
+    """Coefficients of the main queries from the official flags."""
+    return {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+
+
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "main_coefs", "TERMS"]

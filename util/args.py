@@ -1,0 +1,135 @@
+"""Command-line flags: every official Deformable-DETR flag with its default, H-DETR's "++" flags,
+and this project's own (AMP, resume, op implementation); registered models and add-ons add groups.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from models.registry import ADDONS, MODELS
+
+
+def _str2dtype(v: str) -> str:
+    if v not in ("bf16", "fp16"):
+        raise argparse.ArgumentTypeError("--amp_dtype must be bf16 or fp16")
+    return v
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation (official defaults)")
+    g.add_argument("--lr", default=2e-4, type=float)
+    g.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+")
+    g.add_argument("--lr_backbone", default=2e-5, type=float)
+    g.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+")
+    g.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
+    g.add_argument("--batch_size", default=2, type=int, help="per process")
+    g.add_argument("--weight_decay", default=1e-4, type=float)
+    g.add_argument("--epochs", default=50, type=int)
+    g.add_argument("--lr_drop", default=40, type=int)
+    g.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+", help="accepted, unused (as official)")
+    g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    g.add_argument("--sgd", action="store_true")
+    g.add_argument("--amp", action="store_true", help="mixed precision (see --amp_dtype)")
+    g.add_argument("--amp_dtype", default="bf16", type=_str2dtype, help="bf16 (no scaler) or fp16 (GradScaler)")
+    g.add_argument("--use_fp16", action="store_true", help="H-DETR's flag: same as --amp --amp_dtype fp16")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (official Deformable-DETR flags + H-DETR ++)")
+    g.add_argument("-m", "--model", default="deformable_detr", choices=MODELS.names())
+    g.add_argument("--with_box_refine", default=False, action="store_true")
+    g.add_argument("--two_stage", default=False, action="store_true")
+    g.add_argument("--frozen_weights", type=str, default=None, help="accepted, segmentation only (unsupported)")
+    g.add_argument("--backbone", default="resnet50", type=str,
+                   help="resnet18/34/50/101, or a timm model: swin_tiny, swin_small, swin_large, timm:<name>")
+    g.add_argument("--pretrained_backbone_path", default=None, type=str,
+                   help="local file with backbone weights (nothing is downloaded)")
+    g.add_argument("--drop_path_rate", default=0.2, type=float, help="timm backbones (Swin)")
+    g.add_argument("--dilation", action="store_true", help="DC5: dilate the last ResNet stage")
+    g.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
+    g.add_argument("--position_embedding_scale", default=2 * math.pi, type=float, help="accepted, unused")
+    g.add_argument("--num_feature_levels", default=4, type=int)
+    g.add_argument("--enc_layers", default=6, type=int)
+    g.add_argument("--dec_layers", default=6, type=int)
+    g.add_argument("--dim_feedforward", default=1024, type=int)
+    g.add_argument("--hidden_dim", default=256, type=int)
+    g.add_argument("--dropout", default=0.1, type=float)
+    g.add_argument("--nheads", default=8, type=int)
+    g.add_argument("--num_queries", "--num_queries_one2one", dest="num_queries", default=300, type=int)
+    g.add_argument("--dec_n_points", default=4, type=int)
+    g.add_argument("--enc_n_points", default=4, type=int)
+    g.add_argument("--masks", action="store_true", help="accepted, segmentation (unsupported)")
+    g.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
+    g.add_argument("--mixed_selection", action="store_true", help="H-DETR/DINO mixed query selection")
+    g.add_argument("--look_forward_twice", action="store_true", help="H-DETR/DINO look forward twice")
+    g.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing (less memory)")
+    g.add_argument("--num_classes", default=None, type=int,
+                   help="class logits; default: 91 for COCO, max category id + 1 of the annotation file")
+    g.add_argument("--topk", "--topk_eval", dest="topk", default=100, type=int, help="detections per image")
+    g.add_argument("--msda_impl", default="auto", type=str,
+                   help="deformable-attention implementation: auto, pytorch, cpu, cuda")
+    g.add_argument("--addons", default=[], nargs="*", choices=ADDONS.names(),
+                   help="training add-ons (the seed papers' own flags also switch them on)")
+
+    g = p.add_argument_group("matcher and loss (official defaults)")
+    g.add_argument("--set_cost_class", default=2, type=float)
+    g.add_argument("--set_cost_bbox", default=5, type=float)
+    g.add_argument("--set_cost_giou", default=2, type=float)
+    g.add_argument("--mask_loss_coef", default=1, type=float)
+    g.add_argument("--dice_loss_coef", default=1, type=float)
+    g.add_argument("--cls_loss_coef", default=2, type=float)
+    g.add_argument("--bbox_loss_coef", default=5, type=float)
+    g.add_argument("--giou_loss_coef", default=2, type=float)
+    g.add_argument("--focal_alpha", default=0.25, type=float)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and run")
+    g.add_argument("--dataset_file", default="coco", choices=("coco", "synthetic"))
+    g.add_argument("--coco_path", default=None, type=str,
+                   help="data root (default ./data/coco, or data/synthetic for the synthetic set)")
+    g.add_argument("--coco_panoptic_path", type=str, help="accepted, unused")
+    g.add_argument("--remove_difficult", action="store_true", help="accepted, unused")
+    g.add_argument("--output_dir", default="", help="where to save checkpoints and log.txt; empty: no saving")
+    g.add_argument("--device", default="cuda", help="cuda or cpu (cuda falls back to cpu when absent)")
+    g.add_argument("--seed", default=42, type=int)
+    g.add_argument("--resume", default="", help="checkpoint to resume from (local path)")
+    g.add_argument("--auto_resume", action="store_true", help="continue from output_dir's newest good checkpoint")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    g.add_argument("--eval", action="store_true")
+    g.add_argument("--num_workers", default=2, type=int)
+    g.add_argument("--cache_mode", default=False, action="store_true", help="keep images in memory")
+    g.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+    g.add_argument("--max_iters_per_epoch", default=0, type=int, help="stop an epoch early (smoke tests)")
+    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--save_every", default=5, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
+    g.add_argument("--max_nonfinite_steps", default=10, type=int,
+                   help="stop after this many consecutive non-finite losses (each is skipped)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The full parser: base flags, data flags, and each registered model's and add-on's group."""
+    import datasets  # noqa: F401  (data flags)
+
+    p = argparse.ArgumentParser("Deformable-DETR family training and evaluation", add_help=True)
+    add_training_args(p)
+    add_model_args(p)
+    add_run_args(p)
+    if hasattr(datasets, "add_args"):
+        datasets.add_args(p)
+    seen = set()
+    for _, builder in MODELS.items():
+        add = getattr(builder, "add_args", None)
+        if add is not None and add not in seen:
+            seen.add(add)
+            add(p)
+    for _, cls in ADDONS.items():
+        cls.add_args(p)
+    return p
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve aliases after parsing (H-DETR's --use_fp16, data-dependent defaults)."""
+    if args.use_fp16:
+        args.amp, args.amp_dtype = True, "fp16"
+    return args
