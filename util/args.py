@@ -95,6 +95,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", default=42, type=int)
     g.add_argument("--resume", default="", help="checkpoint to resume from (local path)")
     g.add_argument("--auto_resume", action="store_true", help="continue from output_dir's newest good checkpoint")
+    g.add_argument("--schedule_from_args", action="store_true",
+                   help="on resume, take lr/lr_drop from the command line instead of the checkpoint")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N")
     g.add_argument("--eval", action="store_true")
     g.add_argument("--num_workers", default=2, type=int)

@@ -1,0 +1,155 @@
+"""train_one_epoch() and evaluate(): one pass over the data, with add-on hooks around each step."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from functools import partial
+from typing import Any, Iterable, Sequence
+
+import torch
+from datasets.coco_eval import CocoEvaluator
+from torch import nn
+
+from models.criterion import AddOn, StepContext
+from util.logger import MetricLogger, SmoothedValue
+from util.misc import reduce_dict
+
+logger = logging.getLogger("detr")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite losses."""
+
+
+def autocast(device: torch.device, amp: bool, amp_dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast context for --amp (bf16 or fp16); a no-op otherwise."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp_dtype == "bf16" else torch.float16)
+
+
+def to_device(samples: Any, targets: Sequence[dict], device: torch.device) -> tuple[Any, list[dict]]:
+    non_blocking = device.type == "cuda"
+    samples = samples.to(device, non_blocking=non_blocking)
+    targets = [{k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return samples, targets
+
+
+def _query_providers(addons: Sequence[AddOn], ctx: StepContext) -> list:
+    return [partial(a.query_group, ctx=ctx) for a in addons if type(a).query_group is not AddOn.query_group]
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, max_norm: float = 0.0, *, addons: Sequence[AddOn] = (),
+                    scaler: torch.amp.GradScaler | None = None, amp: bool = False, amp_dtype: str = "bf16",
+                    print_freq: int = 10, max_iters: int = 0, max_nonfinite_steps: int = 10,
+                    global_step: int = 0) -> dict[str, float]:
+    """Train for one epoch.
+
+    A step whose (all-reduced) loss is not finite is skipped and logged with the offending terms;
+    ``max_nonfinite_steps`` consecutive ones raise NonFiniteLossError (the last checkpoint stays intact).
+
+    Returns:
+        Global averages of every logged meter (``loss``, weighted ``loss_*``, ``*_unscaled``, ``lr``,
+        ``grad_norm``, ``class_error``, ``nonfinite_steps``).
+    """
+    model.train()
+    criterion.train()
+    metric_logger = MetricLogger()
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    metric_logger.add_meter("grad_norm", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    total = len(data_loader) if not max_iters else min(max_iters, len(data_loader))
+    weight_dict = criterion.weight_dict
+    nonfinite_in_a_row, nonfinite_total = 0, 0
+    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]",
+                                                                   total)):
+        if max_iters and i >= max_iters:
+            break
+        samples, targets = to_device(samples, targets, device)
+        ctx = StepContext(targets, epoch, global_step + i)
+        providers = _query_providers(addons, ctx)
+        with autocast(device, amp, amp_dtype):
+            outputs = model(samples, providers=providers) if providers else model(samples)
+        loss_dict = criterion(outputs, targets)  # losses are computed in fp32
+        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+        reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+        scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+        names = sorted(reduced)
+        values = torch.stack([sum(scaled.values())] + [reduced[k] for k in names]).tolist()  # one sync
+        loss_value, logged = values[0], dict(zip(names, values[1:]))
+
+        if not math.isfinite(loss_value):
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            bad = sorted(k for k, v in logged.items() if not math.isfinite(v))
+            logger.warning("epoch %d iter %d: non-finite loss %s (terms: %s); step skipped (%d in a row)",
+                           epoch, i, loss_value, ", ".join(bad) or "the weighted sum", nonfinite_in_a_row)
+            optimizer.zero_grad(set_to_none=True)
+            if nonfinite_in_a_row >= max_nonfinite_steps:
+                raise NonFiniteLossError(f"{nonfinite_in_a_row} consecutive non-finite losses at epoch {epoch} "
+                                         f"iter {i} (terms: {', '.join(bad)}); stopping, the last checkpoint is "
+                                         f"intact")
+            continue
+        nonfinite_in_a_row = 0
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses).backward()
+            scaler.unscale_(optimizer)
+        else:
+            losses.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        for addon in addons:
+            addon.after_step(model, ctx)
+
+        metric_logger.update(loss=loss_value, **{k: logged[k] * weight_dict[k] for k in logged if k in weight_dict},
+                             **{f"{k}_unscaled": v for k, v in logged.items()})
+        if "class_error" in logged:
+            metric_logger.update(class_error=logged["class_error"])
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
+    metric_logger.synchronize_between_processes()
+    logger.info("Averaged stats: %s", metric_logger)
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["nonfinite_steps"] = nonfinite_total
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds: Any,
+             device: torch.device, *, amp: bool = False, amp_dtype: str = "bf16", print_freq: int = 10,
+             compute_losses: bool = True) -> tuple[dict[str, Any], CocoEvaluator]:
+    """COCO evaluation (never with add-on queries). Returns (stats incl. ``coco_eval_bbox``, evaluator)."""
+    model.eval()
+    criterion.eval()
+    metric_logger = MetricLogger()
+    coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
+    weight_dict = criterion.weight_dict
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        samples, targets = to_device(samples, targets, device)
+        with autocast(device, amp, amp_dtype):
+            outputs = model(samples)
+        if compute_losses:
+            reduced = reduce_dict(criterion(outputs, targets))
+            metric_logger.update(loss=float(sum(reduced[k] * weight_dict[k] for k in reduced if k in weight_dict)),
+                                 **{k: float(v * weight_dict[k]) for k, v in reduced.items() if k in weight_dict},
+                                 **{f"{k}_unscaled": float(v) for k, v in reduced.items()})
+        orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_target_sizes)
+        coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+    metric_logger.synchronize_between_processes()
+    coco_evaluator.synchronize_between_processes()
+    coco_evaluator.accumulate()
+    coco_evaluator.summarize()
+    stats: dict[str, Any] = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
+    return stats, coco_evaluator

@@ -1,0 +1,226 @@
+"""Train and evaluate DETR-family detectors (Deformable-DETR command lines work as written).
+
+    python main.py --coco_path data/coco --output_dir exps/r50 [--with_box_refine --two_stage] ...
+    python main.py ... --eval --resume exps/r50/checkpoint.pth
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+import datasets
+from engine import evaluate, train_one_epoch
+from models import build_model
+from util.args import finalize_args, get_args_parser
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
+from util.logger import setup_logging
+from util.misc import collate_fn, get_rank, init_distributed_mode, is_main_process
+
+logger = logging.getLogger("detr")
+
+
+def match_name_keywords(name: str, keywords: list[str]) -> bool:
+    return any(k in name for k in keywords)
+
+
+def param_groups(model: torch.nn.Module, args: Any) -> list[dict]:
+    """The official three groups: default lr, backbone lr, linear-projection lr (lr * mult)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
+    proj = [p for n, p in named if match_name_keywords(n, args.lr_linear_proj_names)]
+    rest = [p for n, p in named if not match_name_keywords(n, args.lr_backbone_names)
+            and not match_name_keywords(n, args.lr_linear_proj_names)]
+    return [{"params": rest, "lr": args.lr}, {"params": backbone, "lr": args.lr_backbone},
+            {"params": proj, "lr": args.lr * args.lr_linear_proj_mult}]
+
+
+def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[DataLoader | None, DataLoader, Any]:
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.distributed:
+        sampler_train = DistributedSampler(dataset_train, seed=args.seed) if dataset_train is not None else None
+        sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_train = RandomSampler(dataset_train, generator=generator) if dataset_train is not None else None
+        sampler_val = SequentialSampler(dataset_val)
+    common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": args.device != "cpu",
+              "persistent_workers": args.num_workers > 0}
+    loader_train = None
+    if dataset_train is not None:
+        if len(dataset_train) < args.batch_size:
+            raise ValueError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
+                             f"{args.batch_size}")
+        batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False, **common)
+    return loader_train, loader_val, sampler_train
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict non-strictly (as official --resume), reporting what did not match."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.endswith(("total_params", "total_ops"))]
+    if missing:
+        logger.warning("%s: missing keys: %s", source, missing)
+    if unexpected:
+        logger.warning("%s: unexpected keys: %s", source, unexpected)
+
+
+def resume(args: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any,
+           addons: list) -> None:
+    """--resume / --auto_resume: weights, and (when training) the optimiser, schedule and RNG states."""
+    ckpt, source = None, args.resume
+    if args.auto_resume and args.output_dir:
+        found = find_resume_checkpoint(args.output_dir)
+        if found is not None:
+            source, ckpt = str(found[0]), found[1]
+    if ckpt is None and args.resume:
+        ckpt = load_checkpoint(args.resume)
+    if ckpt is None:
+        return
+    logger.info("resuming from %s (epoch %s)", source, ckpt.get("epoch"))
+    load_model_weights(model, ckpt["model"], source)
+    if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+        return
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    saved = ckpt.get("args") or {}
+    if args.schedule_from_args:
+        base_lrs = [g["lr"] for g in param_groups(model, args)]
+        lr_scheduler.step_size = args.lr_drop
+        lr_scheduler.base_lrs = base_lrs
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * lr_scheduler.gamma ** (lr_scheduler.last_epoch // args.lr_drop)
+        logger.info("resume: schedule taken from the command line (--schedule_from_args): lr %g, lr_drop %d",
+                    args.lr, args.lr_drop)
+    else:
+        changed = [k for k in ("lr", "lr_backbone", "lr_drop", "epochs") if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            logger.warning("resume: the checkpoint's schedule is used; these flags differ from it and are ignored "
+                           "for the schedule: %s (pass --schedule_from_args to use the command line)",
+                           ", ".join(f"{k}={getattr(args, k)} (checkpoint {saved[k]})" for k in changed))
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    for addon in addons:
+        if f"addons/{addon.name}" in ckpt:
+            addon.load_state_dict(ckpt[f"addons/{addon.name}"])
+    rng = ckpt.get("rng")
+    if isinstance(rng, list) and len(rng) > get_rank():
+        set_rng_state(rng[get_rank()])
+    args.start_epoch = ckpt["epoch"] + 1
+
+
+def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
+                     scaler: Any, addons: list) -> None:
+    """checkpoint.pth every epoch; checkpoint{epoch:04}.pth before each lr drop, every --save_every, and last."""
+    from util.misc import all_gather_object
+
+    rngs = all_gather_object(rng_state())  # every rank's RNG, for exact resume
+    if not is_main_process() or not args.output_dir:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args), "rng": rngs}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    for addon in addons:
+        state[f"addons/{addon.name}"] = addon.state_dict()
+    out = Path(args.output_dir)
+    save_atomic(state, out / "checkpoint.pth")
+    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+        save_atomic(state, out / f"checkpoint{epoch:04}.pth")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run training (or --eval). Returns the last epoch's log entry."""
+    init_distributed_mode(args)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    setup_logging(args.output_dir, get_rank())
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("--device %s requested but CUDA is not available; using cpu", args.device)
+        args.device = "cpu"
+    device = torch.device(args.device)
+    seed = args.seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    dataset_val = datasets.build_dataset("val", args)
+    dataset_train = None if args.eval else datasets.build_dataset("train", args)
+    if args.num_classes is None:
+        args.num_classes = datasets.num_classes_for(args)
+    logger.info("args: %s", json.dumps({k: v for k, v in vars(args).items()}, default=str))
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("number of params: %d", n_parameters)
+
+    loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
+    groups = param_groups(model_without_ddp, args)
+    if args.sgd:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "fp16" else None
+    addons = criterion.addons
+    base_ds = datasets.get_coco_api_from_dataset(dataset_val)
+    resume(args, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+
+    eval_kwargs = {"amp": args.amp, "amp_dtype": args.amp_dtype, "print_freq": args.print_freq}
+    if args.eval:
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                              **eval_kwargs)
+        if args.output_dir and is_main_process():
+            save_atomic(coco_evaluator.coco_eval["bbox"].eval, Path(args.output_dir) / "eval.pth")
+        return {f"test_{k}": v for k, v in test_stats.items()}
+
+    logger.info("Start training")
+    start_time = time.time()
+    log_stats: dict[str, Any] = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm, addons=addons,
+            scaler=scaler, amp=args.amp, amp_dtype=args.amp_dtype, print_freq=args.print_freq,
+            max_iters=args.max_iters_per_epoch, max_nonfinite_steps=args.max_nonfinite_steps,
+            global_step=epoch * len(loader_train))
+        lr_scheduler.step()
+        save_checkpoints(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                     "n_parameters": n_parameters}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                                  **eval_kwargs)
+            log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            if args.output_dir and is_main_process():
+                (Path(args.output_dir) / "eval").mkdir(exist_ok=True)
+                save_atomic(coco_evaluator.coco_eval["bbox"].eval, Path(args.output_dir) / "eval" / "latest.pth")
+        if args.output_dir and is_main_process():
+            with (Path(args.output_dir) / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+    total_time = time.time() - start_time
+    logger.info("Training time %s", datetime.timedelta(seconds=int(total_time)))
+    return log_stats
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    main(finalize_args(parser.parse_args()))
