@@ -104,6 +104,8 @@ class ResNetBackbone(BackboneBase):
                  pretrained_path: str | None = None) -> None:
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose from {RESNETS} or a timm model as timm:<name>")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} has BasicBlocks")
         net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                 norm_layer=FrozenBatchNorm2d)
         if pretrained_path:

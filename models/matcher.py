@@ -58,8 +58,9 @@ class HungarianMatcher(nn.Module):
         Returns:
             Per image (query indices, target indices), int64, of length min(Q, G_b).
         """
-        logits = outputs["pred_logits"].float()
-        boxes = outputs["pred_boxes"].float()
+        # A diverged step may carry NaNs; matching must still succeed so the step can be skipped cleanly.
+        logits = torch.nan_to_num(outputs["pred_logits"].float())
+        boxes = torch.nan_to_num(outputs["pred_boxes"].float(), nan=0.5)
         costs = []
         for b, t in enumerate(targets):
             if len(t["labels"]) == 0:

@@ -1,0 +1,89 @@
+"""Every registered model builds, honours the output contract and trains every parameter."""
+import pytest
+import torch
+
+from models import MODELS, build_model
+from models.registry import Registry
+from tests.conftest import tiny_args
+from util.misc import nested_tensor_from_tensor_list
+
+VARIANTS = {
+    "plain": [],
+    "single_scale": ["--num_feature_levels", "1"],
+    "refine": ["--with_box_refine"],
+    "two_stage": ["--two_stage"],
+    "refine_two_stage": ["--with_box_refine", "--two_stage"],
+    "plusplus": ["--with_box_refine", "--two_stage", "--mixed_selection", "--look_forward_twice", "--dropout", "0"],
+    "dc5_learned_pos": ["--num_feature_levels", "1", "--dilation", "--position_embedding", "learned",
+                        "--backbone", "resnet50"],
+}
+
+
+def _randomize(model):
+    """Non-zero weights everywhere (zero-initialised heads would hide missing gradients)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_duplicate_name_raises():
+    reg = Registry("thing")
+    reg.register("a")(object)
+    with pytest.raises(KeyError, match="already registered"):
+        reg.register("a")(object)
+    with pytest.raises(KeyError, match="unknown thing"):
+        reg.get("b")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS.names()))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_builds_contract_and_gradients(name, variant, batch):
+    args = tiny_args("-m", name, *VARIANTS[variant])
+    model, criterion, post = build_model(args)
+    _randomize(model)
+    images, targets = batch
+    model.train()
+    out = model(nested_tensor_from_tensor_list(images))
+    b, q = 2, args.num_queries
+    assert out["pred_logits"].shape == (b, q, args.num_classes)
+    assert out["pred_boxes"].shape == (b, q, 4)
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    assert len(out["aux_outputs"]) == args.dec_layers - 1
+    assert ("enc_outputs" in out) == args.two_stage
+    losses = criterion(out, targets)
+    criterion.total_loss(losses).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    res = post["bbox"](out, torch.tensor([[64, 64], [48, 56]]))
+    assert res[0]["boxes"].shape == (min(args.topk, q * args.num_classes), 4)
+
+
+def test_frozen_layers_follow_official():
+    model, _, _ = build_model(tiny_args())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("backbone.0.body.") for n in frozen)
+    assert all(("layer1" in n or ".conv1." in n or n.endswith("body.conv1.weight")) for n in frozen)
+    trainable_backbone = [n for n, p in model.named_parameters() if p.requires_grad and "backbone" in n]
+    assert all(any(x in n for x in ("layer2", "layer3", "layer4")) for n in trainable_backbone)
+
+
+def test_official_key_list_loads_strictly(tmp_path):
+    from tests.conftest import ROOT
+    keys_file = ROOT.parent / "shared" / "specs" / "deformable_detr_two_stage_refine_keys.txt"
+    if not keys_file.is_file():
+        pytest.skip("shared/specs missing")
+    args = tiny_args("--with_box_refine", "--two_stage")
+    for flag, value in [("backbone", "resnet50"), ("hidden_dim", 256), ("nheads", 8), ("enc_layers", 6),
+                        ("dec_layers", 6), ("dim_feedforward", 1024), ("num_queries", 300), ("num_classes", 91)]:
+        setattr(args, flag, value)
+    model, _, _ = build_model(args)
+    state = {}
+    for line in keys_file.read_text().splitlines():
+        name, shape = line.split()
+        dims = [int(x) for x in shape.strip("[]").split(",")] if shape != "[]" else []
+        state[name] = torch.zeros(dims)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == {k: list(v.shape) for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    assert sum(p.numel() for p in model.parameters()) == 41_181_529
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 40_959_129
