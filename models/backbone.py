@@ -101,17 +101,20 @@ class ResNetBackbone(BackboneBase):
     """torchvision ResNet with FrozenBatchNorm2d; conv1 and layer1 are always frozen (official)."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 pretrained_path: str | None = None) -> None:
+                 pretrained_path: str | None = None, from_scratch: bool = False) -> None:
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose from {RESNETS} or a timm model as timm:<name>")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"--dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} has BasicBlocks")
+        # From scratch, frozen statistics would be an identity: train BatchNorm and every stage instead.
+        norm = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
         net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                                norm_layer=FrozenBatchNorm2d)
+                                                norm_layer=norm)
         if pretrained_path:
             load_local_weights(net, pretrained_path, name)
         for pname, p in net.named_parameters():
-            if not train_backbone or not any(layer in pname for layer in ("layer2", "layer3", "layer4")):
+            trained_stage = from_scratch or any(layer in pname for layer in ("layer2", "layer3", "layer4"))
+            if not train_backbone or not trained_stage:
                 p.requires_grad_(False)
         layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         strides = [8, 16, 32] if return_interm_layers else [32]
@@ -176,16 +179,19 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: float, num_feature_levels: int,
-                   dilation: bool = False, pretrained_path: str | None = None,
-                   drop_path_rate: float = 0.0) -> Joiner:
-    """``name``: resnet18/34/50/101, or a timm model (``timm:<name>`` or a known alias like swin_tiny)."""
+                   dilation: bool = False, pretrained_path: str | None = None, drop_path_rate: float = 0.0,
+                   from_scratch: bool = False) -> Joiner:
+    """``name``: resnet18/34/50/101, or a timm model (``timm:<name>`` or a known alias like swin_tiny).
+
+    ``from_scratch``: ResNets get trainable BatchNorm and all stages trained (no pretrained weights).
+    """
     train_backbone = lr_backbone > 0
     multi_scale = num_feature_levels > 1
-    if pretrained_path is None:
+    if pretrained_path is None and not from_scratch:
         logger.warning("backbone %s starts from random weights: pass --pretrained_backbone_path with local "
                        "ImageNet weights to reproduce the papers (nothing is downloaded)", name)
     if name in RESNETS:
-        body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path)
+        body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path, from_scratch)
     else:
         timm_name = name.removeprefix("timm:")
         if dilation:

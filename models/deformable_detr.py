@@ -247,7 +247,8 @@ def build_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str,
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding)
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
-                              pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate)
+                              pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
+                              from_scratch=args.backbone_from_scratch)
     model = DeformableDETR(backbone, build_deformable_transformer(args), num_classes=args.num_classes,
                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                            aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,

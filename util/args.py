@@ -44,6 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="resnet18/34/50/101, or a timm model: swin_tiny, swin_small, swin_large, timm:<name>")
     g.add_argument("--pretrained_backbone_path", default=None, type=str,
                    help="local file with backbone weights (nothing is downloaded)")
+    g.add_argument("--backbone_from_scratch", action="store_true",
+                   help="no pretrained weights: trainable BatchNorm and all ResNet stages trained")
     g.add_argument("--drop_path_rate", default=0.2, type=float, help="timm backbones (Swin)")
     g.add_argument("--dilation", action="store_true", help="DC5: dilate the last ResNet stage")
     g.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))

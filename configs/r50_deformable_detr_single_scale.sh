@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Deformable-DETR single scale
+set -x
+
+EXP_DIR=exps/r50_deformable_detr_single_scale
+PY_ARGS=${@:1}
+
+python -u main.py \
+    --output_dir ${EXP_DIR} \
+    --num_feature_levels 1 \
+    ${PY_ARGS}
