@@ -81,6 +81,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     ((640, 480), 800, 1333, (800, 1066)),     # shorter side -> 800, longer truncated
     ((1000, 500), 800, 1333, (666, 1332)),    # cap: size := round(1333 * 500 / 1000) = 666
     ((480, 640), 600, None, (800, 600)),      # portrait, no cap
+    ((480, 643), 600, None, (803, 600)),      # 803.75 truncated, not rounded
     ((800, 600), 600, 1333, (600, 800)),      # shorter side already right: unchanged
 ])
 def test_resize_rule(wh, size, max_size, expected):
@@ -150,8 +151,9 @@ def test_scaled_pipeline_is_sane_at_128px():
     assert tensor.shape == (3, 128, 128) and t["size"].tolist() == [128, 128]
     random.seed(0)
     torch.manual_seed(0)
-    for _ in range(200):
-        tensor, t = train(image, _target([[10, 10, 60, 50], [70, 80, 120, 126]]))
+    for step in range(100):
+        boxes = [[10, 10, 60, 50], [70, 80, 120, 126]] if step % 4 else []  # also images without objects
+        tensor, t = train(image, _target(boxes))
         h, w = tensor.shape[-2:]
         assert 61 <= min(h, w) <= 128 and max(h, w) <= 213 and t["size"].tolist() == [h, w]
         assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all() and (t["boxes"][:, 2:] > 0).all()
@@ -361,6 +363,10 @@ def test_synthetic_dataloader_with_collate_fn(tmp_path):
 def _gt_and_perfect_predictions(tmp_path):
     synthetic.generate(tmp_path / "s", SPEC)
     coco = load_coco(tmp_path / "s" / "annotations" / "instances_val2017.json")
+    return coco, _perfect_predictions(coco)
+
+
+def _perfect_predictions(coco):
     predictions = {}
     for image_id in coco.getImgIds():
         anns = coco.imgToAnns[image_id]
@@ -368,7 +374,17 @@ def _gt_and_perfect_predictions(tmp_path):
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([a["category_id"] for a in anns])
         predictions[image_id] = {"scores": torch.ones(len(anns)), "labels": labels, "boxes": boxes}
-    return coco, predictions
+    return predictions
+
+
+def _imperfect_predictions(coco):
+    predictions = _perfect_predictions(coco)
+    ids = sorted(predictions)
+    for i in ids[1:]:
+        predictions[i]["scores"] = torch.full_like(predictions[i]["scores"], 0.5)
+    # The top-scored image is imperfect, so AP < 1 and a doubled copy of it would lower AP further.
+    predictions[ids[0]]["boxes"] = predictions[ids[0]]["boxes"] + 3.0
+    return predictions
 
 
 def test_evaluator_perfect_predictions_give_ap_one(tmp_path, capsys):
@@ -399,11 +415,9 @@ def test_evaluator_without_detections(tmp_path):
 
 
 def test_evaluator_gathers_each_image_once(tmp_path, monkeypatch):
-    coco, predictions = _gt_and_perfect_predictions(tmp_path)
+    coco, _ = _gt_and_perfect_predictions(tmp_path)
+    predictions = _imperfect_predictions(coco)
     ids = sorted(predictions)
-    predictions[ids[0]]["scores"] = torch.full_like(predictions[ids[0]]["scores"], 0.5)
-    predictions[ids[0]]["boxes"] = predictions[ids[0]]["boxes"] + 3.0  # imperfect, so AP < 1
-
     single = CocoEvaluator(coco)
     single.update(predictions)
     single.accumulate()
@@ -457,3 +471,37 @@ def test_coco_path_layout_and_synthetic_default_root(tmp_path, monkeypatch):
     args.coco_path = None
     datasets.build_dataset("val", args)
     assert synthetic.is_ready(tmp_path / "data" / "synthetic", SPEC)
+
+
+def _distributed_worker(rank: int, init_file: str, root: str, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if rank != 0:  # only rank 0 may generate; the others wait for it
+            synthetic.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 generated"))
+        synthetic.ensure_synthetic(root, SPEC)
+        coco = load_coco(Path(root) / "annotations" / "instances_val2017.json")
+        predictions = _imperfect_predictions(coco)
+        ids = sorted(predictions)
+        part = ids[rank::2] + ([ids[0]] if rank == 1 else [])  # rank 1 padded with a repeat, as DistributedSampler
+        evaluator = CocoEvaluator(coco)
+        evaluator.update({i: predictions[i] for i in part})
+        evaluator.synchronize_between_processes()
+        evaluator.accumulate()
+        evaluator.summarize()
+        if rank == 0:
+            np.save(result_file, evaluator.coco_eval["bbox"].stats)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_generation_and_evaluation(tmp_path):
+    root, result = tmp_path / "s", tmp_path / "stats.npy"
+    torch.multiprocessing.start_processes(_distributed_worker, args=(str(tmp_path / "init"), str(root), str(result)),
+                                         nprocs=2, start_method="fork")
+    assert synthetic.is_ready(root, SPEC)
+    coco = load_coco(root / "annotations" / "instances_val2017.json")
+    single = CocoEvaluator(coco)
+    single.update(_imperfect_predictions(coco))
+    single.accumulate()
+    single.summarize()
+    np.testing.assert_array_equal(np.load(result), single.coco_eval["bbox"].stats)
