@@ -169,13 +169,13 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[PIL.Image.Image, 
     full_area: list[int] = []
     categories: list[int] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+        category_id = int(rng.integers(1, len(CATEGORIES) + 1))  # drawn once, so rejections keep classes balanced
         for _attempt in range(20):
-            side = np.exp(rng.uniform(np.log(lo), np.log(hi)))
+            side = rng.uniform(lo, hi)  # uniform, not log-uniform: a third small, the rest medium/large
             aspect = np.exp(rng.uniform(np.log(0.75), np.log(4 / 3)))
             w = int(np.clip(side * np.sqrt(aspect), 0.8 * lo, canvas_size - 2))
             h = int(np.clip(side / np.sqrt(aspect), 0.8 * lo, canvas_size - 2))
             x0, y0 = int(rng.integers(0, canvas_size - w)), int(rng.integers(0, canvas_size - h))
-            category_id = int(rng.integers(1, len(CATEGORIES) + 1))
             mask = _shape_mask(category_id, (x0, y0, x0 + w - 1, y0 + h - 1), canvas_size, rng)
             if all((v & ~mask).sum() >= (1 - MAX_OCCLUSION) * a for v, a in zip(visible, full_area)):
                 break
