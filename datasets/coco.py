@@ -143,38 +143,14 @@ def clean_annotations(data: dict[str, Any], source: str = "<annotations>") -> di
     images = {img["id"]: img for img in data["images"]}
     counts: Counter = Counter()
     examples: dict[str, Any] = {}
-
-    def note(kind: str, ann: dict) -> None:
-        counts[kind] += 1
-        examples.setdefault(kind, ann["id"])
-
     kept = []
     for ann in data["annotations"]:
-        if ann["image_id"] not in images:
-            note("unknown_image", ann)
-            continue
-        if ann["category_id"] not in category_ids:
-            note("unknown_category", ann)
-            continue
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        if w <= 0 or h <= 0:
-            note("degenerate", ann)
-            continue
-        new = dict(ann)
-        new.setdefault("area", w * h)
-        new.setdefault("iscrowd", 0)
-        img = images[ann["image_id"]]
-        width, height = img.get("width"), img.get("height")
-        if isinstance(width, (int, float)) and isinstance(height, (int, float)):
-            x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-            x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-            if x1 <= x0 or y1 <= y0:
-                note("outside", ann)
-                continue
-            if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-                note("clamped", ann)
-                new["bbox"] = [x0, y0, x1 - x0, y1 - y0]
-        kept.append(new)
+        problem, cleaned = _clean_annotation(ann, images.get(ann["image_id"]), category_ids)
+        if problem is not None:
+            counts[problem] += 1
+            examples.setdefault(problem, ann["id"])
+        if cleaned is not None:
+            kept.append(cleaned)
 
     for kind, template in _DROP_MESSAGES.items():
         if counts[kind]:
@@ -185,6 +161,30 @@ def clean_annotations(data: dict[str, Any], source: str = "<annotations>") -> di
                 "(kept as negatives)", source, len(images), len(kept), len(data["annotations"]),
                 len(categories), empty)
     return {**data, "annotations": kept, "categories": categories}
+
+
+def _clean_annotation(ann: dict, image: dict | None, category_ids: set) -> tuple[str | None, dict | None]:
+    """Check one annotation: (problem kind or None, cleaned copy or None when it is dropped)."""
+    if image is None:
+        return "unknown_image", None
+    if ann["category_id"] not in category_ids:
+        return "unknown_category", None
+    x, y, w, h = (float(v) for v in ann["bbox"])
+    if w <= 0 or h <= 0:
+        return "degenerate", None
+    cleaned, problem = dict(ann), None
+    width, height = image.get("width"), image.get("height")
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)):
+        x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+        x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+        if x1 <= x0 or y1 <= y0:
+            return "outside", None
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            problem, (w, h) = "clamped", (x1 - x0, y1 - y0)
+            cleaned["bbox"] = [x0, y0, w, h]
+    cleaned.setdefault("area", w * h)
+    cleaned.setdefault("iscrowd", 0)
+    return problem, cleaned
 
 
 def coco_from_dict(data: dict[str, Any]) -> COCO:
