@@ -229,6 +229,22 @@ def test_bad_boxes_and_categories_are_dropped_counted_and_logged(tmp_path, caplo
     assert sum("zero or negative" in r.getMessage() for r in caplog.records) == 1  # once per file
 
 
+def test_minimal_custom_file_gets_categories_area_and_iscrowd(tmp_path, caplog):
+    ann_file = _write_coco(tmp_path, [{"id": 1, "image_id": 1, "bbox": [1, 2, 4, 5], "category_id": 3}])
+    data = json.loads(ann_file.read_text())
+    del data["categories"]
+    ann_file.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="datasets.coco"):
+        coco = load_coco(ann_file)
+    assert "no 'categories' list" in caplog.text and list(coco.cats) == [3]
+    assert coco.anns[1]["area"] == 20.0 and coco.anns[1]["iscrowd"] == 0
+    evaluator = CocoEvaluator(coco)
+    evaluator.update({1: {"scores": [0.9], "labels": [3], "boxes": [[1, 2, 5, 7]]}})
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert evaluator.coco_eval["bbox"].stats[1] == pytest.approx(1.0)
+
+
 def test_images_without_annotations_are_kept(tmp_path):
     ds = CocoDetection(tmp_path / "img", _write_coco(tmp_path, [_ann(1, 2, [1, 1, 5, 5])]),
                        transforms=T.make_coco_transforms("val", scale=0.05))
@@ -442,6 +458,12 @@ def test_evaluator_gathers_each_image_once(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # builders
 # ------------------------------------------------------------------------------------------------
+def test_add_args_defaults():
+    args = _args()
+    assert (args.synthetic_image_size, args.synthetic_train_size, args.synthetic_val_size) == (128, 2000, 200)
+    assert args.train_img_folder is args.train_ann_file is args.val_img_folder is args.val_ann_file is None
+
+
 def test_build_coco_with_explicit_paths_and_num_classes(tmp_path):
     ann_file = _write_coco(tmp_path, [_ann(1, 1, [1, 1, 5, 5], category_id=12)], categories=(1, 12))
     args = _args(coco_path=str(tmp_path / "absent"), train_img_folder=str(tmp_path / "img"),
