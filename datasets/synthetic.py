@@ -47,6 +47,7 @@ MAX_OCCLUSION = 0.4          # fraction of an object that later objects may cove
 SIZE_RANGE = (12 / 128, 80 / 128)  # object side, as a fraction of the image side
 SUPERSAMPLE = 2              # shapes are drawn at 2x and box-filtered down (anti-aliasing)
 JPEG_QUALITY = 95
+MIN_IMAGE_SIZE = 32          # below this the smallest shapes lose their form
 SPLITS = {"train": 0, "val": 1}
 
 
@@ -58,6 +59,12 @@ class SyntheticSpec:
     train_size: int = 2000
     val_size: int = 200
     seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"synthetic image size must be at least {MIN_IMAGE_SIZE} px, got {self.image_size}")
+        if self.train_size < 1 or self.val_size < 1:
+            raise ValueError(f"synthetic train/val sizes must be positive, got {self.train_size}/{self.val_size}")
 
     def manifest(self) -> dict[str, Any]:
         return {"generator": "datasets.synthetic", "format_version": FORMAT_VERSION, **asdict(self),
@@ -115,7 +122,8 @@ def _shape_mask(category_id: int, box: tuple[int, int, int, int], canvas: int,
     elif category_id == 5:
         draw.ellipse(box, fill=255)
         t = max(round(0.28 * min(w, h)), 2)
-        draw.ellipse((x0 + t, y0 + t, x1 - t, y1 - t), fill=0)
+        if x1 - t > x0 + t and y1 - t > y0 + t:
+            draw.ellipse((x0 + t, y0 + t, x1 - t, y1 - t), fill=0)
     else:
         raise ValueError(f"unknown synthetic category {category_id}")
     return np.asarray(mask) > 127
@@ -136,7 +144,7 @@ def _draw_clutter(rng: np.random.Generator, canvas: PIL.Image.Image) -> None:
     """A few thin strokes and small dots: texture that is not an object."""
     draw = PIL.ImageDraw.Draw(canvas)
     size = canvas.width
-    unit = size / 128 * SUPERSAMPLE / 2  # one pixel at the 128 px reference size, in canvas pixels
+    unit = size / 128  # canvas pixels per output pixel of a 128 px image (sizes below are relative to 128 px)
     for _ in range(int(rng.integers(0, 4))):
         x, y = rng.uniform(0, size, size=2)
         length, angle = rng.uniform(8, 40) * unit, rng.uniform(0, np.pi)
@@ -171,7 +179,7 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[PIL.Image.Image, 
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
         category_id = int(rng.integers(1, len(CATEGORIES) + 1))  # drawn once, so rejections keep classes balanced
         for _attempt in range(20):
-            side = rng.uniform(lo, hi)  # uniform, not log-uniform: a third small, the rest medium/large
+            side = rng.uniform(lo, hi)  # uniform, not log-uniform: fewer tiny objects, faster to learn
             aspect = np.exp(rng.uniform(np.log(0.75), np.log(4 / 3)))
             w = int(np.clip(side * np.sqrt(aspect), 0.8 * lo, canvas_size - 2))
             h = int(np.clip(side / np.sqrt(aspect), 0.8 * lo, canvas_size - 2))

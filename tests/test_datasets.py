@@ -336,6 +336,13 @@ def test_synthetic_refuses_to_overwrite_foreign_folder(tmp_path):
         synthetic.ensure_synthetic(tmp_path / "mine", SPEC)
 
 
+def test_synthetic_spec_rejects_unusable_sizes():
+    with pytest.raises(ValueError, match="at least"):
+        synthetic.SyntheticSpec(image_size=16)
+    with pytest.raises(ValueError, match="positive"):
+        synthetic.SyntheticSpec(val_size=0)
+
+
 def test_synthetic_crash_halfway_leaves_nothing_half_written(tmp_path, monkeypatch):
     root = tmp_path / "s"
     calls = {"n": 0}
