@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from .coco import AnnotationError, CocoDetection
 from .synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
 from .synthetic import SyntheticSpec, ensure_synthetic
-from .transforms import make_coco_transforms
+from .transforms import VAL_SIZE, make_coco_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,6 @@ def _split_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
     return img_folder, ann_file
 
 
-def _synthetic_spec(args: argparse.Namespace) -> SyntheticSpec:
-    return SyntheticSpec(image_size=args.synthetic_image_size, train_size=args.synthetic_train_size,
-                         val_size=args.synthetic_val_size)
-
-
 def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
     """Build the ``train`` or ``val`` split of ``args.dataset_file``.
 
@@ -101,10 +96,12 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
                     if getattr(args, f"{s}_{k}", None)]
         if explicit:
             logger.warning("%s apply to --dataset_file coco only; ignored for the synthetic set", ", ".join(explicit))
-        spec = _synthetic_spec(args)
+        spec = SyntheticSpec(image_size=args.synthetic_image_size, train_size=args.synthetic_train_size,
+                             val_size=args.synthetic_val_size)
         ensure_synthetic(_resolve_root(args), spec)
         img_folder, ann_file = _split_paths(image_set, args)
-        transforms = make_coco_transforms(image_set, scale=spec.image_size / 800)
+        # The official pipeline at the synthetic image size: val resizes to the image size itself.
+        transforms = make_coco_transforms(image_set, scale=spec.image_size / VAL_SIZE)
         return CocoDetection(img_folder, ann_file, transforms=transforms, cache_mode=cache_mode)
     raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; expected 'coco' or 'synthetic'")
 
