@@ -1,0 +1,264 @@
+"""Joint image/target transforms of the Deformable-DETR data pipeline.
+
+Behaviour follows fundamentalvision/Deformable-DETR ``datasets/transforms.py`` (itself from DETR):
+the same operations, order, random choices and box arithmetic, written anew here.
+
+Every transform is called as ``image, target = t(image, target)``. Until :class:`Normalize`, the
+image is a PIL image and ``target["boxes"]`` holds absolute ``xyxy`` pixel boxes; :class:`Normalize`
+turns the image into a normalised tensor and the boxes into ``cxcywh`` divided by the transformed,
+unpadded image size. Random choices use Python's ``random`` module (as the official code does), so
+the DataLoader's per-worker seeding covers them; crop positions use torch's generator.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import PIL.Image
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+
+from util.box_ops import box_xyxy_to_cxcywh
+
+Target = Dict[str, Any]
+Transform = Callable[[Any, Optional[Target]], Tuple[Any, Optional[Target]]]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Per-box fields that must follow the boxes when a crop removes some of them.
+PER_BOX_FIELDS = ("labels", "area", "iscrowd")
+
+# Official sizes (pixels) at scale 1.0.
+TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+TRAIN_MAX_SIZE = 1333
+CROP_BRANCH_SCALES = (400, 500, 600)
+CROP_MIN, CROP_MAX = 384, 600
+VAL_SIZE = 800
+
+
+def get_resize_shape(image_size: tuple[int, int], size: int, max_size: int | None = None) -> tuple[int, int]:
+    """Output (height, width) of the official resize rule.
+
+    The shorter side becomes ``size`` unless the longer side would then exceed ``max_size``, in
+    which case ``size`` is lowered to ``round(max_size * short / long)``. The longer side is
+    truncated, not rounded. An image whose shorter side already equals ``size`` keeps its shape.
+
+    Args:
+        image_size: (width, height) of the input, as PIL reports it.
+        size: requested shorter side.
+        max_size: cap on the longer side, or None for no cap.
+
+    Returns:
+        (height, width) of the resized image.
+    """
+    w, h = image_size
+    if max_size is not None:
+        short, long = float(min(w, h)), float(max(w, h))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def hflip(image: PIL.Image.Image, target: Target | None) -> tuple[PIL.Image.Image, Target | None]:
+    """Mirror the image left-right; boxes become (W - x1, y0, W - x0, y1)."""
+    flipped = F.hflip(image)
+    if target is None or "boxes" not in target:
+        return flipped, target
+    w = image.width
+    target = dict(target)
+    boxes = target["boxes"]
+    target["boxes"] = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
+    return flipped, target
+
+
+def resize(image: PIL.Image.Image, target: Target | None, size: int,
+           max_size: int | None = None) -> tuple[PIL.Image.Image, Target | None]:
+    """Resize by the official rule (:func:`get_resize_shape`), scaling boxes and areas per axis.
+
+    Args:
+        image: input image.
+        target: target dict with xyxy pixel ``boxes`` (optional) and ``area`` (optional), or None.
+        size: requested shorter side.
+        max_size: cap on the longer side, or None.
+
+    Returns:
+        The resized image and a new target dict with ``size`` set to (H, W) of the output.
+    """
+    out_h, out_w = get_resize_shape(image.size, size, max_size)
+    resized = F.resize(image, [out_h, out_w])
+    if target is None:
+        return resized, None
+    ratio_w = resized.width / image.width
+    ratio_h = resized.height / image.height
+    target = dict(target)
+    if "boxes" in target:
+        target["boxes"] = target["boxes"] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h])
+    if "area" in target:
+        target["area"] = target["area"] * (ratio_w * ratio_h)
+    target["size"] = torch.tensor([out_h, out_w])
+    return resized, target
+
+
+def crop(image: PIL.Image.Image, target: Target | None,
+         region: tuple[int, int, int, int]) -> tuple[PIL.Image.Image, Target | None]:
+    """Crop ``region = (top, left, height, width)``; boxes are shifted and clipped to the crop.
+
+    Boxes left with zero width or height are removed together with their per-box fields
+    (``labels``, ``area``, ``iscrowd``). ``area`` is recomputed from the clipped boxes.
+    """
+    top, left, h, w = region
+    cropped = F.crop(image, top, left, h, w)
+    if target is None:
+        return cropped, None
+    target = dict(target)
+    target["size"] = torch.tensor([h, w])
+    if "boxes" in target:
+        corners = (target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)).reshape(-1, 2, 2)
+        corners = torch.min(corners, torch.tensor([w, h], dtype=torch.float32)).clamp(min=0)
+        target["boxes"] = corners.reshape(-1, 4)
+        target["area"] = (corners[:, 1, :] - corners[:, 0, :]).prod(dim=1)
+        keep = torch.all(corners[:, 1, :] > corners[:, 0, :], dim=1)
+        for key in ("boxes",) + PER_BOX_FIELDS:
+            if key in target:
+                target[key] = target[key][keep]
+    return cropped, target
+
+
+class RandomHorizontalFlip:
+    """Flip with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, image: PIL.Image.Image, target: Target | None) -> tuple[PIL.Image.Image, Target | None]:
+        if random.random() < self.p:
+            return hflip(image, target)
+        return image, target
+
+
+class RandomResize:
+    """Resize the shorter side to a size drawn uniformly from ``sizes``, longer side capped at ``max_size``."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+        if len(sizes) == 0:
+            raise ValueError("RandomResize needs at least one size")
+        self.sizes = list(sizes)
+        self.max_size = max_size
+
+    def __call__(self, image: PIL.Image.Image, target: Target | None) -> tuple[PIL.Image.Image, Target | None]:
+        return resize(image, target, random.choice(self.sizes), self.max_size)
+
+
+class RandomSizeCrop:
+    """Crop a random region with width in [min_size, min(W, max_size)] and height likewise.
+
+    Unlike the official code, an image smaller than ``min_size`` does not raise: the lower bound
+    falls to the image size (the official sizes never reach this case).
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def __call__(self, image: PIL.Image.Image, target: Target | None) -> tuple[PIL.Image.Image, Target | None]:
+        w = random.randint(min(self.min_size, image.width), min(image.width, self.max_size))
+        h = random.randint(min(self.min_size, image.height), min(image.height, self.max_size))
+        region = T.RandomCrop.get_params(image, [h, w])
+        return crop(image, target, region)
+
+
+class RandomSelect:
+    """Apply ``first`` with probability ``p``, else ``second``."""
+
+    def __init__(self, first: Transform, second: Transform, p: float = 0.5) -> None:
+        self.first, self.second, self.p = first, second, p
+
+    def __call__(self, image: Any, target: Target | None) -> tuple[Any, Target | None]:
+        if random.random() < self.p:
+            return self.first(image, target)
+        return self.second(image, target)
+
+
+class ToTensor:
+    """PIL image -> float tensor [3, H, W] in [0, 1]; the target is untouched."""
+
+    def __call__(self, image: PIL.Image.Image, target: Target | None) -> tuple[torch.Tensor, Target | None]:
+        return F.to_tensor(image), target
+
+
+class Normalize:
+    """Normalise the image with mean/std; boxes xyxy pixels -> cxcywh in [0, 1] of the unpadded size."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: torch.Tensor, target: Target | None) -> tuple[torch.Tensor, Target | None]:
+        image = F.normalize(image, mean=self.mean, std=self.std)
+        if target is None:
+            return image, None
+        target = dict(target)
+        if "boxes" in target:
+            h, w = image.shape[-2:]
+            target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        return image, target
+
+
+class Compose:
+    """Chain joint transforms."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Any, target: Target | None) -> tuple[Any, Target | None]:
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {t!r}" for t in self.transforms)
+        return f"{type(self).__name__}({inner}\n)"
+
+
+def _scaled(value: int, scale: float) -> int:
+    return max(1, int(round(value * scale)))
+
+
+def make_coco_transforms(image_set: str, scale: float = 1.0) -> Compose:
+    """The official train/val pipelines, every size multiplied by ``scale``.
+
+    ``scale=1.0`` gives the official sizes (train shorter sides 480..800, cap 1333; crop branch
+    400/500/600 then a crop of 384..600; val 800, cap 1333). Other scales multiply all of these
+    and round to integers, so small images (the synthetic set uses ``scale = image_size / 800``)
+    see the same pipeline at their size.
+
+    Args:
+        image_set: "train" or "val".
+        scale: multiplier of every size.
+
+    Returns:
+        A callable ``(PIL image, target) -> (tensor [3, H, W], target)`` with normalised cxcywh boxes.
+    """
+    if scale <= 0:
+        raise ValueError(f"make_coco_transforms: scale must be positive, got {scale}")
+    normalize = Compose([ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    scales = [_scaled(s, scale) for s in TRAIN_SCALES]
+    max_size = _scaled(TRAIN_MAX_SIZE, scale)
+    if image_set == "train":
+        crop_branch = Compose([
+            RandomResize([_scaled(s, scale) for s in CROP_BRANCH_SCALES]),
+            RandomSizeCrop(_scaled(CROP_MIN, scale), _scaled(CROP_MAX, scale)),
+            RandomResize(scales, max_size=max_size),
+        ])
+        return Compose([
+            RandomHorizontalFlip(),
+            RandomSelect(RandomResize(scales, max_size=max_size), crop_branch),
+            normalize,
+        ])
+    if image_set == "val":
+        return Compose([RandomResize([_scaled(VAL_SIZE, scale)], max_size=max_size), normalize])
+    raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
