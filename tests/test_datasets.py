@@ -502,11 +502,15 @@ def test_coco_path_layout_and_synthetic_default_root(tmp_path, monkeypatch):
     assert synthetic.is_ready(tmp_path / "data" / "synthetic", SPEC)
 
 
+def _generation_forbidden(*args, **kwargs):
+    raise AssertionError("a rank other than 0 generated the synthetic set")
+
+
 def _distributed_worker(rank: int, init_file: str, root: str, result_file: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        if rank != 0:  # only rank 0 may generate; the others wait for it
-            synthetic.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 generated"))
+        if rank != 0:  # only rank 0 may generate; the others wait for it (a forked process: no leak)
+            synthetic.generate = _generation_forbidden
         synthetic.ensure_synthetic(root, SPEC)
         coco = load_coco(Path(root) / "annotations" / "instances_val2017.json")
         predictions = _imperfect_predictions(coco)
