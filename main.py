@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataset_val = datasets.build_dataset("val", args)
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     if args.num_classes is None:
-        args.num_classes = datasets.num_classes_for(args)
+        args.num_classes = datasets.num_classes_for(args, dataset_train)
     logger.info("args: %s", json.dumps({k: v for k, v in vars(args).items()}, default=str))
 
     model, criterion, postprocessors = build_model(args)
