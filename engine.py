@@ -121,6 +121,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     logger.info("Averaged stats: %s", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["nonfinite_steps"] = nonfinite_total
+    if metric_logger.iter_time is not None:  # seconds per iteration, and the part spent waiting for data
+        stats["iter_time"] = metric_logger.iter_time.global_avg
+        stats["data_time"] = metric_logger.data_time.global_avg
     return stats
 
 

@@ -81,6 +81,8 @@ class MetricLogger:
     def __init__(self, delimiter: str = "  ") -> None:
         self.meters: dict[str, SmoothedValue] = {}
         self.delimiter = delimiter
+        self.iter_time: SmoothedValue | None = None  # set by log_every at the end of the loop
+        self.data_time: SmoothedValue | None = None
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
@@ -117,6 +119,7 @@ class MetricLogger:
                             f"data: {data_time}{mem}")
             end = time.time()
         total_time = time.time() - start
+        self.iter_time, self.data_time = iter_time, data_time
         if is_main_process():
             logger.info(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
                         f"({total_time / max(total, 1):.4f} s / it)")
