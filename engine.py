@@ -8,9 +8,9 @@ from functools import partial
 from typing import Any, Iterable, Sequence
 
 import torch
-from datasets.coco_eval import CocoEvaluator
 from torch import nn
 
+from datasets.coco_eval import CocoEvaluator
 from models.criterion import AddOn, StepContext
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import reduce_dict
