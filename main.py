@@ -9,6 +9,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -16,15 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 import datasets
-from engine import evaluate, train_one_epoch
+from datasets.seeded import SeededDataset
+from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from util.args import finalize_args, get_args_parser
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
 from util.logger import setup_logging
-from util.misc import collate_fn, get_rank, init_distributed_mode, is_main_process
+from util.misc import all_gather_object, collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
 
 logger = logging.getLogger("detr")
 
@@ -45,23 +47,32 @@ def param_groups(model: torch.nn.Module, args: Any) -> list[dict]:
 
 
 def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[DataLoader | None, DataLoader, Any]:
-    generator = torch.Generator().manual_seed(args.seed)
+    """Loaders whose sample order and augmentation depend only on (seed, epoch): exact resume.
+
+    The training order comes from a seeded DistributedSampler (also in one process, with one replica),
+    each sample's augmentation from (seed, epoch, index) (datasets/seeded.py).
+    """
+    world, rank = get_world_size(), get_rank()
+    common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": args.device != "cpu"}
+    # Own generators: creating a loader iterator must not consume the global RNG (dropout), or an
+    # evaluation between two epochs would change the next epoch of an uninterrupted run.
+    gen_train = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    gen_val = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)
+    loader_train = sampler_train = None
+    if dataset_train is not None:
+        if len(dataset_train) < args.batch_size * world:
+            raise ValueError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
+                             f"{args.batch_size} x {world} processes")
+        sampler_train = DistributedSampler(SeededDataset(dataset_train, args.seed), num_replicas=world, rank=rank,
+                                           shuffle=True, seed=args.seed)
+        batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+        loader_train = DataLoader(sampler_train.dataset, batch_sampler=batch_sampler, generator=gen_train, **common)
     if args.distributed:
-        sampler_train = DistributedSampler(dataset_train, seed=args.seed) if dataset_train is not None else None
         sampler_val = DistributedSampler(dataset_val, shuffle=False)
     else:
-        sampler_train = RandomSampler(dataset_train, generator=generator) if dataset_train is not None else None
         sampler_val = SequentialSampler(dataset_val)
-    common = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": args.device != "cpu",
-              "persistent_workers": args.num_workers > 0}
-    loader_train = None
-    if dataset_train is not None:
-        if len(dataset_train) < args.batch_size:
-            raise ValueError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
-                             f"{args.batch_size}")
-        batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
-        loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
-    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False, **common)
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False, generator=gen_val,
+                            **common)
     return loader_train, loader_val, sampler_train
 
 
@@ -76,8 +87,11 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], s
 
 
 def resume(args: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any,
-           addons: list) -> None:
-    """--resume / --auto_resume: weights, and (when training) the optimiser, schedule and RNG states."""
+           addons: list) -> dict | None:
+    """--resume / --auto_resume: weights, and (when training) the optimiser, schedule and RNG states.
+
+    Returns the checkpoint when training state was restored (None for weights only or nothing).
+    """
     ckpt, source = None, args.resume
     if args.auto_resume and args.output_dir:
         found = find_resume_checkpoint(args.output_dir)
@@ -86,11 +100,11 @@ def resume(args: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
     if ckpt is None and args.resume:
         ckpt = load_checkpoint(args.resume)
     if ckpt is None:
-        return
+        return None
     logger.info("resuming from %s (epoch %s)", source, ckpt.get("epoch"))
     load_model_weights(model, ckpt["model"], source)
     if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-        return
+        return None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     saved = ckpt.get("args") or {}
@@ -118,18 +132,18 @@ def resume(args: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
     if isinstance(rng, list) and len(rng) > get_rank():
         set_rng_state(rng[get_rank()])
     args.start_epoch = ckpt["epoch"] + 1
+    return ckpt
 
 
 def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
-                     scaler: Any, addons: list) -> None:
+                     scaler: Any, addons: list, train_stats: dict) -> None:
     """checkpoint.pth every epoch; checkpoint{epoch:04}.pth before each lr drop, every --save_every, and last."""
-    from util.misc import all_gather_object
-
     rngs = all_gather_object(rng_state())  # every rank's RNG, for exact resume
     if not is_main_process() or not args.output_dir:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args), "rng": rngs}
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args), "rng": rngs,
+             "train_stats": train_stats}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     for addon in addons:
@@ -138,6 +152,47 @@ def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: A
     save_atomic(state, out / "checkpoint.pth")
     if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
         save_atomic(state, out / f"checkpoint{epoch:04}.pth")
+
+
+def read_log(output_dir: str) -> list[dict]:
+    path = Path(output_dir) / "log.txt"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_log(output_dir: str, entries: list[dict]) -> None:
+    """Rewrite log.txt atomically (used when resume has to drop or add an epoch's line)."""
+    path = Path(output_dir) / "log.txt"
+    tmp = path.with_name("log.txt.tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    os.replace(tmp, path)
+
+
+def reconcile_log(args: Any, ckpt: dict, evaluate_fn: Any) -> None:
+    """Make log.txt end at the resumed checkpoint's epoch.
+
+    Lines of later epochs (a newer checkpoint was corrupt) are dropped; if the run died between writing
+    the checkpoint and its log line, the line is rebuilt from the checkpoint's train stats and an
+    evaluation of the resumed weights (on every rank: evaluation is collective).
+    """
+    if not args.output_dir:
+        return
+    epoch = ckpt["epoch"]
+    kept, missing = [], False
+    if is_main_process():
+        entries = read_log(args.output_dir)
+        kept = [e for e in entries if e.get("epoch", -1) <= epoch]
+        missing = "train_stats" in ckpt and not (kept and kept[-1].get("epoch") == epoch)
+        if len(kept) != len(entries):
+            logger.warning("resume: dropping log.txt lines after epoch %d", epoch)
+            write_log(args.output_dir, kept)
+    if not all_gather_object(missing)[0]:
+        return
+    logger.warning("resume: log.txt has no line for epoch %d; evaluating the checkpoint to write it", epoch)
+    test_stats = evaluate_fn()
+    if is_main_process():
+        entry = {**{f"train_{k}": v for k, v in ckpt["train_stats"].items()}, "epoch": epoch}
+        entry.update({f"test_{k}": v for k, v in test_stats.items()})
+        write_log(args.output_dir, kept + [entry])
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,7 +221,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+            model, device_ids=[args.gpu] if device.type == "cuda" else None,
+            find_unused_parameters=args.find_unused_params)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of params: %d", n_parameters)
@@ -181,9 +237,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "fp16" else None
     addons = criterion.addons
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
-    resume(args, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
-
+    ckpt = resume(args, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
     eval_kwargs = {"amp": args.amp, "amp_dtype": args.amp_dtype, "print_freq": args.print_freq}
+    if ckpt is not None:
+        reconcile_log(args, ckpt, lambda: evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                                   **eval_kwargs)[0])
+        del ckpt
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
                                               **eval_kwargs)
@@ -195,15 +254,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start_time = time.time()
     log_stats: dict[str, Any] = {}
     for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            sampler_train.set_epoch(epoch)
+        sampler_train.set_epoch(epoch)
+        sampler_train.dataset.set_epoch(epoch)
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm, addons=addons,
             scaler=scaler, amp=args.amp, amp_dtype=args.amp_dtype, print_freq=args.print_freq,
             max_iters=args.max_iters_per_epoch, max_nonfinite_steps=args.max_nonfinite_steps,
             global_step=epoch * len(loader_train))
         lr_scheduler.step()
-        save_checkpoints(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+        save_checkpoints(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, addons, train_stats)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -221,6 +280,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return log_stats
 
 
+def cli() -> None:
+    """Command-line entry: a non-finite-loss stop exits with status 1 and a message, not a traceback."""
+    args = finalize_args(get_args_parser().parse_args())
+    try:
+        main(args)
+    except NonFiniteLossError as e:
+        logger.error("training stopped: %s", e)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    parser = get_args_parser()
-    main(finalize_args(parser.parse_args()))
+    cli()

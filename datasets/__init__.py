@@ -39,6 +39,8 @@ COCO_DEFAULT_NUM_CLASSES = 91  # official value when the annotation file cannot 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Add the data flags that the official Deformable-DETR ``main.py`` does not have."""
     group = parser.add_argument_group("data")
+    group.add_argument("--train_transforms", default="official", choices=("official", "val"),
+                       help="'val': train without augmentation (the val resize only)")
     group.add_argument("--synthetic_image_size", type=int, default=128,
                        help="side of the square synthetic images (pixels)")
     group.add_argument("--synthetic_train_size", type=int, default=2000, help="number of synthetic training images")
@@ -88,9 +90,12 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
     if image_set not in IMAGE_SETS:
         raise ValueError(f"unknown image_set {image_set!r}; expected one of {IMAGE_SETS}")
     cache_mode = bool(getattr(args, "cache_mode", False))
+    # --train_transforms val: no augmentation in training (overfitting checks, exact equivalence tests).
+    transform_set = "val" if getattr(args, "train_transforms", "official") == "val" else image_set
     if args.dataset_file == "coco":
         img_folder, ann_file = _split_paths(image_set, args)
-        return CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(image_set), cache_mode=cache_mode)
+        return CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(transform_set),
+                             cache_mode=cache_mode)
     if args.dataset_file == "synthetic":
         explicit = [f"--{s}_{k}" for s in IMAGE_SETS for k in ("img_folder", "ann_file")
                     if getattr(args, f"{s}_{k}", None)]
@@ -101,7 +106,7 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
         ensure_synthetic(_resolve_root(args), spec)
         img_folder, ann_file = _split_paths(image_set, args)
         # The official pipeline at the synthetic image size: val resizes to the image size itself.
-        transforms = make_coco_transforms(image_set, scale=spec.image_size / VAL_SIZE)
+        transforms = make_coco_transforms(transform_set, scale=spec.image_size / VAL_SIZE)
         return CocoDetection(img_folder, ann_file, transforms=transforms, cache_mode=cache_mode)
     raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; expected 'coco' or 'synthetic'")
 

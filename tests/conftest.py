@@ -22,6 +22,15 @@ def tiny_args(*extra: str):
     return finalize_args(get_args_parser().parse_args(TINY + list(extra)))
 
 
+def synthetic_flags(tmp_path, out: str = "out", *extra: str) -> list[str]:
+    """Flags of a tiny CPU training run on a tiny synthetic set under tmp_path (2 iterations/epoch)."""
+    flags = [f for f in TINY if f not in ("--num_classes", "5")]
+    return flags + ["--dataset_file", "synthetic", "--coco_path", str(tmp_path / "data"),
+                    "--synthetic_train_size", "8", "--synthetic_val_size", "4", "--synthetic_image_size", "64",
+                    "--batch_size", "2", "--num_workers", "0", "--max_iters_per_epoch", "2",
+                    "--output_dir", str(tmp_path / out), "--print_freq", "1", "--save_every", "1", *extra]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -107,6 +107,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_iters_per_epoch", default=0, type=int, help="stop an epoch early (smoke tests)")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
     g.add_argument("--save_every", default=5, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
+    g.add_argument("--find_unused_params", action="store_true", help="DDP find_unused_parameters (DINO's flag)")
     g.add_argument("--max_nonfinite_steps", default=10, type=int,
                    help="stop after this many consecutive non-finite losses (each is skipped)")
 

@@ -19,16 +19,21 @@ logger = logging.getLogger("detr")
 def setup_logging(output_dir: str | None = None, rank: int = 0) -> None:
     """Log to stdout on rank 0 (warnings only elsewhere), and to output_dir/train.log."""
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    for h in list(root.handlers):  # replace only the handlers a previous call installed
+        if getattr(h, "_detr_handler", False):
+            root.removeHandler(h)
+            h.close()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
-    root.addHandler(handler)
+    handlers: list[logging.Handler] = [handler]
     if output_dir and rank == 0:
         fh = logging.FileHandler(f"{output_dir}/train.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-        root.addHandler(fh)
+        handlers.append(fh)
+    for h in handlers:
+        h._detr_handler = True  # type: ignore[attr-defined]
+        root.addHandler(h)
 
 
 class SmoothedValue:

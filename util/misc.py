@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -93,6 +94,18 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def _slurm_first_host() -> str:
+    """First host of the Slurm allocation (the rendezvous address of a srun-launched job)."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        raise RuntimeError("Slurm multi-task run without MASTER_ADDR or SLURM_JOB_NODELIST")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError) as e:
+        raise RuntimeError(f"cannot resolve the first host of {nodes!r} with scontrol ({e}); set MASTER_ADDR") from e
+
+
 def init_distributed_mode(args: Any) -> None:
     """Initialise the process group from the environment (torchrun or Slurm).
 
@@ -112,8 +125,7 @@ def init_distributed_mode(args: Any) -> None:
         os.environ.setdefault("WORLD_SIZE", str(args.world_size))
         os.environ.setdefault("LOCAL_RANK", str(args.gpu))
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("Slurm multi-task run without MASTER_ADDR: use tools/run_dist_slurm.sh or "
-                               "run_with_submitit.py, which set it")
+            os.environ["MASTER_ADDR"] = _slurm_first_host()
         os.environ.setdefault("MASTER_PORT", "29500")
     else:
         args.distributed = False
