@@ -62,7 +62,8 @@ class Trainer:
             return
         os.environ.update({"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
                            "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.hostnames[0]})
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(str(env.job_id).split("_")[0][-4:] or 0) % 1000))
+        digits = "".join(c for c in str(env.job_id) if c.isdigit())[-4:] or "0"
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(digits)))  # distinct per job on shared nodes
 
 
 def submit(args: argparse.Namespace) -> submitit.Job:
