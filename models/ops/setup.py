@@ -29,6 +29,7 @@ NAME = "detr_msda"
 DEFAULT_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 CPU_SOURCES = ["src/ms_deform_attn.cpp", "src/cpu/ms_deform_attn_cpu.cpp"]
 CUDA_SOURCES = ["src/cuda/ms_deform_attn_cuda.cu"]
+HEADERS = ["src/ms_deform_attn.h", "src/cpu/cpu_isa.h"]  # a change rebuilds
 # -fno-trapping-math lets GCC vectorise floor(); the kernels never rely on floating-point traps.
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] if os.name != "nt" else ["/O2", "/openmp"]
 
@@ -68,16 +69,27 @@ def default_arch_list() -> str:
     return ";".join(archs)
 
 
+def nvcc_library_dirs() -> list[str]:
+    """Where nvcc itself links libcudart from: torch only looks in CUDA_HOME/lib64 or CUDA_HOME/lib."""
+    probe = subprocess.run([nvcc_path(), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                           capture_output=True, text=True)
+    dirs = []
+    for line in (probe.stdout + probe.stderr).splitlines():
+        if "LIBRARIES=" in line:
+            dirs += re.findall(r'-L"?([^"\s]+)"?', line)
+    return [d for d in dirs if os.path.exists(os.path.join(d, "libcudart.so"))]
+
+
 def extension():
     if not build_cuda():
-        return CppExtension(NAME, CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS},
+        return CppExtension(NAME, CPU_SOURCES, depends=HEADERS, extra_compile_args={"cxx": CXX_FLAGS},
                             extra_link_args=["-fopenmp"] if os.name != "nt" else [])
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # Read by torch's build; without it torch targets only the GPUs visible now (none on CI).
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
     print(f"detr_msda: building the CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     nvcc_flags = ["-O3", f"--threads={min(4, os.cpu_count() or 1)}", "-DWITH_CUDA"]
-    return CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES,
+    return CUDAExtension(NAME, CPU_SOURCES + CUDA_SOURCES, depends=HEADERS, library_dirs=nvcc_library_dirs(),
                          extra_compile_args={"cxx": CXX_FLAGS + ["-DWITH_CUDA"], "nvcc": nvcc_flags},
                          extra_link_args=["-fopenmp"] if os.name != "nt" else [])
 
