@@ -5,9 +5,9 @@
 // (batch, head) pairs than threads the queries are split as well, the extra splits accumulating
 // into private copies of grad_value that are summed at the end.
 // Per (query, head) the work has two phases: the coordinate math of all L * P points at once
-// (vectorised over points: pixel position, cell, bilinear weights, which corners are on the map),
-// then the loops over the D channels of each corner (vectorised over channels, in registers when
-// the head dim is a compile-time constant). No intermediate larger than one row is allocated.
+// (vectorised over points: pixel position, cell, weighted bilinear corners), then the loops over
+// the D channels of each corner (vectorised over channels, in registers when the head dim is a
+// compile-time constant). No intermediate larger than a few rows is allocated.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -371,6 +371,13 @@ void dispatch_head_dim(int64_t channels, const Fn& fn) {
   }
 }
 
+// Items per parallel chunk, so that a thread gets at least kMinSamples sampling points: starting
+// threads costs more than a small problem (gradcheck-sized calls stay on one thread).
+int64_t grain_size(int64_t samples_per_item) {
+  constexpr int64_t kMinSamples = 4096;
+  return std::max<int64_t>(1, kMinSamples / std::max<int64_t>(1, samples_per_item));
+}
+
 // The levels must lie inside the value tensor (cheap here: the shapes are host memory).
 void check_levels(const at::Tensor& shapes, const at::Tensor& starts, const Problem& p) {
   const int64_t* hw = shapes.data_ptr<int64_t>();
@@ -439,7 +446,7 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& shapes_in, 
     scalar_t* out = output.data_ptr<scalar_t>();
     dispatch_head_dim(p.channels, [&](auto head_dim) {
       constexpr int kD = decltype(head_dim)::value;
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, grain_size(p.levels * p.points), [&](int64_t begin, int64_t end) {
         forward_rows_best<kD>(in, out, begin, end);
       });
     });
@@ -484,9 +491,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       acc_t* main_buffer = grad_value.data_ptr<acc_t>();
       acc_t* extra_buffers = splits > 1 ? partial.data_ptr<acc_t>() : nullptr;
       const int64_t buffer_numel = grad_value.numel();
+      const int64_t grain = grain_size(per_split * p.levels * p.points);
       dispatch_head_dim(p.channels, [&](auto head_dim) {
         constexpr int kD = decltype(head_dim)::value;
-        at::parallel_for(0, slices * splits, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, slices * splits, grain, [&](int64_t begin, int64_t end) {
           for (int64_t task = begin; task < end; ++task) {
             const int64_t split = task % splits, b = task / splits / p.heads, m = task / splits % p.heads;
             acc_t* buffer = split == 0 ? main_buffer : extra_buffers + (split - 1) * buffer_numel;
@@ -497,6 +505,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       });
     });
     if (splits > 1) grad_value.add_(partial.sum(0));
+  } else {
+    grad_loc.zero_();
+    grad_attn.zero_();
   }
   if (grad_value.scalar_type() != value.scalar_type()) grad_value = grad_value.to(value.scalar_type());
   return {grad_value, grad_loc, grad_attn};
