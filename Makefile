@@ -11,9 +11,18 @@ deps:
 	$(PIP) install -q -r requirements.txt
 
 # Compiled deformable attention (C++ CPU kernel always, CUDA kernel when nvcc + CUDA torch exist).
-# A failed build never blocks import: the pure-PyTorch path is used instead.
+# A failed build never blocks import: the pure-PyTorch path is used instead; if only the CUDA part
+# fails to compile, the CPU kernel is built alone.
 ops:
-	cd models/ops && $(PYTHON) setup.py build_ext --inplace || echo "warning: MSDeformAttn extension not built; using the pure-PyTorch path"
+	cd models/ops && ($(PYTHON) setup.py build_ext --inplace || MSDA_NO_CUDA=1 $(PYTHON) setup.py build_ext --inplace) \
+		|| echo "warning: MSDeformAttn extension not built; using the pure-PyTorch path"
+
+# CI: the CUDA sources must compile (nvcc is enough, no GPU). Reuses an up-to-date build of `make ops`
+# when it has the CUDA kernel, rebuilds otherwise, and fails on a compile error.
+ops-cuda-check:
+	cd models/ops && FORCE_CUDA=1 $(PYTHON) setup.py build_ext --inplace && \
+		($(PYTHON) -c "import sys, torch, detr_msda; sys.exit(not detr_msda.cuda_built())" || \
+		FORCE_CUDA=1 $(PYTHON) setup.py build_ext --inplace --force)
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -1,0 +1,256 @@
+"""Multi-scale deformable attention: the compiled kernels against the pure-PyTorch reference.
+
+The kernel tests skip (with the reason) when the extension is not built; CI builds it (`make ops`).
+CUDA tests are marked `cuda` and skip without a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.ops import MSDeformAttn, ms_deform_attn
+from models.ops.functions.ms_deform_attn_func import IMPLS, available_impls, resolve_impl
+
+CPU_BUILT = "cpu" in available_impls("cpu")
+CUDA_BUILT = torch.cuda.is_available() and "cuda" in available_impls("cuda")
+needs_cpu_kernel = pytest.mark.skipif(not CPU_BUILT, reason="C++ kernel not built (run `make ops`)")
+needs_cuda_kernel = pytest.mark.skipif(not CUDA_BUILT, reason="needs a CUDA device and the CUDA kernel built")
+
+# Half-precision tolerances, as max |error| / max |reference| against a float64 reference computed
+# from the same rounded values: the output and grad_value are rounded to the value dtype once; the
+# location and weight gradients are fp32.
+HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FP32_GRAD_TOLERANCE = 1e-5
+
+# name: (batch, queries, heads, head dim, level shapes, points)
+CASES = {
+    "d32": (2, 7, 3, 32, [(6, 5), (3, 3), (1, 2)], 4),
+    "d64": (2, 5, 2, 64, [(5, 7), (2, 3)], 2),
+    "d30": (1, 6, 2, 30, [(4, 6), (2, 3)], 3),
+    "d5": (2, 4, 3, 5, [(3, 4), (2, 2)], 2),
+    "one_level": (1, 9, 2, 32, [(7, 9)], 3),
+    "batch65": (65, 3, 2, 32, [(4, 4), (2, 2)], 2),
+    "one_head_query_split": (1, 300, 1, 32, [(10, 10), (5, 5)], 4),  # fewer (batch, head) than threads
+}
+
+
+def make_inputs(batch: int, len_q: int, heads: int, head_dim: int, shapes: list[tuple[int, int]], points: int,
+                dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs; locations in [-0.15, 1.15] so that some points and corners fall outside."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes_t = torch.tensor(shapes, dtype=torch.long)
+    sizes = shapes_t[:, 0] * shapes_t[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(batch, int(sizes.sum()), heads, head_dim, generator=gen, dtype=torch.float64)
+    loc = torch.rand(batch, len_q, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64) * 1.3 - 0.15
+    attn = torch.rand(batch, len_q, heads, len(shapes), points, generator=gen, dtype=torch.float64)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    coord = torch.float64 if dtype == torch.float64 else torch.float32
+    return (value.to(device, dtype), shapes_t.to(device), starts.to(device), loc.to(device, coord),
+            attn.to(device, coord))
+
+
+def forward_backward(impl: str, value, shapes, starts, loc, attn, grad_dtype: torch.dtype | None = None):
+    """Output and the gradients of (value, locations, weights) for a fixed random output gradient.
+
+    The output gradient is rounded to ``grad_dtype`` (default: the value dtype) first, so that a
+    float64 reference sees exactly the gradient a half-precision kernel sees.
+    """
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad = grad.to(grad_dtype or value.dtype).to(out.device, out.dtype)
+    return out, torch.autograd.grad(out, leaves, grad)
+
+
+def reference(value, shapes, starts, loc, attn):
+    """The pure-PyTorch path in float64 on the same (possibly rounded) inputs, on the CPU."""
+    as64 = [t.cpu().double() if t.is_floating_point() else t.cpu() for t in (value, shapes, starts, loc, attn)]
+    return forward_backward("pytorch", *as64, grad_dtype=value.dtype)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_matches_reference(inputs, impl: str, tolerances: tuple[float, float, float, float]) -> None:
+    out, grads = forward_backward(impl, *inputs)
+    ref_out, ref_grads = reference(*inputs)
+    assert out.dtype == inputs[0].dtype and out.shape == ref_out.shape
+    names = ("output", "grad value", "grad locations", "grad weights")
+    for name, actual, expected, tol in zip(names, (out, *grads), (ref_out, *ref_grads), tolerances):
+        assert actual.shape == expected.shape, name
+        assert relative_error(actual, expected) <= tol, f"{name}: {relative_error(actual, expected):.2e} > {tol}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch (no extension needed)
+def test_impl_names_and_errors():
+    assert IMPLS == ("auto", "pytorch", "cpu", "cuda")
+    inputs = make_inputs(*CASES["d5"], dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown MSDeformAttn implementation"):
+        ms_deform_attn(*inputs, impl="triton")
+    with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
+        ms_deform_attn(*inputs, impl="cuda")
+    assert resolve_impl("auto", "cpu") == ("cpu" if CPU_BUILT else "pytorch")
+    assert resolve_impl("pytorch", "cpu") == "pytorch"
+    if not CPU_BUILT:
+        with pytest.raises(RuntimeError, match="not built"):
+            ms_deform_attn(*inputs, impl="cpu")
+
+
+def test_pytorch_path_keeps_dtype():
+    inputs = make_inputs(*CASES["d5"], dtype=torch.float64)
+    assert ms_deform_attn(*inputs, impl="pytorch").dtype == torch.float64
+    inputs = make_inputs(*CASES["d5"], dtype=torch.bfloat16)
+    assert ms_deform_attn(*inputs, impl="pytorch").dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# C++ CPU kernel
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_float64_matches_reference(case):
+    assert_matches_reference(make_inputs(*CASES[case]), "cpu", (1e-12,) * 4)
+
+
+@needs_cpu_kernel
+def test_cpu_float32_matches_reference():
+    tol = FP32_GRAD_TOLERANCE
+    assert_matches_reference(make_inputs(*CASES["d32"], dtype=torch.float32), "cpu", (tol,) * 4)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("head_dim", [32, 30])
+def test_cpu_gradcheck(head_dim):
+    value, shapes, starts, loc, attn = make_inputs(1, 3, 2, head_dim, [(4, 3), (2, 2)], 2)
+    inputs = tuple(t.requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, impl="cpu"), inputs)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_precision(dtype):
+    tol = HALF_TOLERANCE[dtype]
+    assert_matches_reference(make_inputs(*CASES["d32"], dtype=dtype), "cpu", (tol, tol, FP32_GRAD_TOLERANCE,
+                                                                              FP32_GRAD_TOLERANCE))
+
+
+@needs_cpu_kernel
+def test_cpu_zero_queries():
+    value, shapes, starts, loc, attn = make_inputs(2, 0, 2, 32, [(4, 4)], 2, dtype=torch.float32)
+    out, (grad_value, grad_loc, grad_attn) = forward_backward("cpu", value, shapes, starts, loc, attn)
+    assert out.shape == (2, 0, 64)
+    assert torch.equal(grad_value, torch.zeros_like(value)) and grad_loc.shape == loc.shape
+
+
+@needs_cpu_kernel
+def test_cpu_points_outside_the_map_contribute_nothing():
+    value, shapes, starts, loc, attn = make_inputs(*CASES["d32"], dtype=torch.float32)
+    loc = torch.where(torch.arange(loc.numel()).view(loc.shape) % 2 == 0, 1.6, -0.7).float()  # all outside
+    out, grads = forward_backward("cpu", value, shapes, starts, loc, attn)
+    assert not out.any() and not any(g.any() for g in grads)
+
+
+@needs_cpu_kernel
+def test_module_auto_picks_the_kernel_and_matches_with_padding_mask():
+    torch.manual_seed(0)
+    shapes = torch.tensor([[6, 8], [3, 4]])
+    starts = torch.tensor([0, 48])
+    kernel = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2, impl="auto")
+    reference_module = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2, impl="pytorch")
+    reference_module.load_state_dict(kernel.state_dict())
+    query, memory = torch.randn(2, 10, 64), torch.randn(2, 60, 64)
+    ref_points = torch.rand(2, 10, 2, 2)
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[1, 40:48] = True  # padded tokens of image 1
+    mask[1, 57:] = True
+    outs, grads = [], []
+    for module in (kernel, reference_module):
+        q = query.clone().requires_grad_()
+        out = module(q, ref_points, memory, shapes, starts, mask)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([q.grad] + [p.grad for p in module.parameters()])
+    assert resolve_impl(kernel.impl, "cpu") == "cpu"
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for g_kernel, g_ref in zip(*grads):
+        torch.testing.assert_close(g_kernel, g_ref, rtol=1e-4, atol=1e-5)
+
+
+class _TinyAttention(torch.nn.Module):
+    """A projection feeding the op, so the compiled graph has ops on both sides of it."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.proj = torch.nn.Linear(heads * head_dim, heads * head_dim)
+
+    def forward(self, value, shapes, starts, loc, attn):
+        b, s, _ = value.shape
+        v = self.proj(value).view(b, s, self.heads, self.head_dim)
+        return ms_deform_attn(v, shapes, starts, loc, attn.softmax(-1), impl="cpu").relu()
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph_matches_eager():
+    value, shapes, starts, loc, attn = make_inputs(1, 6, 2, 16, [(4, 4), (2, 2)], 2, dtype=torch.float32)
+    value = value.flatten(2)
+    module = _TinyAttention(2, 16)
+    compiled = torch.compile(module, fullgraph=True)  # fullgraph: a graph break raises
+    results = []
+    for fn in (module, compiled):
+        module.zero_grad()
+        lc = loc.clone().requires_grad_()
+        out = fn(value, shapes, starts, lc, attn)
+        out.sum().backward()
+        results.append((out.detach(), lc.grad, module.proj.weight.grad.clone()))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA kernel
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_float64_matches_reference(case):
+    assert_matches_reference(make_inputs(*CASES[case], device="cuda"), "cuda", (1e-12,) * 4)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("case", ["d32", "d64", "d30", "batch65"])
+def test_cuda_float32_matches_reference(case):
+    tol = FP32_GRAD_TOLERANCE
+    assert_matches_reference(make_inputs(*CASES[case], dtype=torch.float32, device="cuda"), "cuda", (tol,) * 4)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["d32", "d30"])
+def test_cuda_half_precision(dtype, case):
+    tol = HALF_TOLERANCE[dtype]
+    inputs = make_inputs(*CASES[case], dtype=dtype, device="cuda")
+    assert_matches_reference(inputs, "cuda", (tol, tol, FP32_GRAD_TOLERANCE, FP32_GRAD_TOLERANCE))
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+def test_cuda_gradcheck():
+    value, shapes, starts, loc, attn = make_inputs(1, 3, 2, 30, [(4, 3), (2, 2)], 2, device="cuda")
+    inputs = tuple(t.requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a, impl="cuda"), inputs)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+def test_cuda_zero_queries_and_cpu_agreement():
+    value, shapes, starts, loc, attn = make_inputs(2, 0, 2, 32, [(4, 4)], 2, dtype=torch.float32, device="cuda")
+    assert ms_deform_attn(value, shapes, starts, loc, attn, impl="cuda").shape == (2, 0, 64)
+    inputs = make_inputs(*CASES["d32"], dtype=torch.float32)
+    if CPU_BUILT:
+        out_cpu, _ = forward_backward("cpu", *inputs)
+        out_cuda, _ = forward_backward("cuda", *(t.cuda() for t in inputs))
+        torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-5, atol=1e-6)
