@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..deformable_transformer import top_proposals
+from ..deformable_transformer import DeformableTransformer, top_proposals
 from ..query_groups import EncoderOutput, QueryGroup
 from ..registry import register_addon
 from .base import AddOn, LossGroup, LossSpec, ModelOptions, StepContext
@@ -67,6 +67,11 @@ class HybridBranch(AddOn):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> HybridBranch:
+        if not isinstance(getattr(model, "transformer", None), DeformableTransformer):
+            raise ValueError("the hybrid branch builds its queries like deformable_detr's; use -m deformable_detr")
+        table = getattr(model, "query_embed", None)
+        if table is not None and table.num_embeddings < args.num_queries + args.num_queries_one2many:
+            raise ValueError("the model builder ignored the add-ons' extra query rows (ModelOptions.extra_queries)")
         return cls(model, args.num_queries_one2many, args.k_one2many, args.lambda_one2many)
 
     def loss_specs(self, main: LossSpec) -> list[LossSpec]:

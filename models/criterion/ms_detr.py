@@ -134,6 +134,9 @@ class MixedSupervision(AddOn):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> MixedSupervision:
+        if not any(isinstance(m, MSDETRDecoderLayer) for m in model.modules()):
+            raise ValueError(f"model {args.model!r} was built without MS-DETR's decoder layer "
+                             f"(its builder ignores ModelOptions.decoder_layer); use -m deformable_detr")
         assigner = OneToManyAssigner(args.o2m_matcher_threshold, args.o2m_matcher_k, seed=args.seed + get_rank())
         return cls(assigner, {"loss_ce": args.o2m_cls_loss_coef, "loss_bbox": args.o2m_bbox_loss_coef,
                               "loss_giou": args.o2m_giou_loss_coef})
