@@ -112,3 +112,8 @@ def test_official_h_detr_checkpoint_names_load_strictly():
     assert len(shapes) == 631
     check_strict_load(model, shapes)
     assert sum(p.numel() for p in model.parameters()) == 47_946_073
+
+
+def test_addons_flag_without_one2many_queries_is_an_error():
+    with pytest.raises(ValueError, match="num_queries_one2many"):
+        build_model(tiny_args("--addons", "hybrid"))

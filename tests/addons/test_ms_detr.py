@@ -154,3 +154,13 @@ def test_flags_are_wired():
     w = criterion.weight_dict
     assert (w["loss_ce_o2m"], w["loss_bbox_0_o2m"], w["loss_giou_o2m"]) == (3, 4, 1)
     assert (w["loss_ce"], w["loss_ce_enc"], w["loss_bbox_enc"]) == (1, 2, 5)
+
+
+def test_subsampling_generator_is_checkpointed():
+    _, criterion, _ = build_model(tiny_args(*MS))
+    (addon,) = criterion.addons
+    state = addon.state_dict()
+    s = torch.rand(3, 40) * 0.5 + 0.5  # 40 positives, cap 10: a random draw
+    first = addon.assigner.assign(s)
+    addon.load_state_dict(state)
+    assert _pairs(*addon.assigner.assign(s)) == _pairs(*first)
