@@ -105,7 +105,7 @@ class MetricLogger:
         total = len(iterable) if total is None else total
         start = end = time.time()
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        # Published before the loop: a consumer that stops early (--max_iters_per_epoch) never resumes us.
+        # Set now, not after the loop: a caller that stops early (--max_iters_per_epoch) never resumes us.
         self.iter_time, self.data_time = iter_time, data_time
         width = len(str(total))
         for i, obj in enumerate(iterable):
