@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from .criterion.base import AddOn
+from .criterion.base import AddOn, ModelOptions
 from .registry import ADDONS
 
 
@@ -26,3 +26,11 @@ def build_addons(args: Any, model: nn.Module) -> list[AddOn]:
     if modules:
         model.addons = nn.ModuleDict(modules)
     return addons
+
+
+def model_options(args: Any) -> ModelOptions:
+    """What the enabled add-ons ask of the host model (extra query rows, decoder-layer variant)."""
+    options = ModelOptions()
+    for cls in enabled_addons(args):
+        options = cls.model_options(args, options)
+    return options

@@ -17,7 +17,7 @@ from util import box_ops
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, build_backbone
-from .criterion import SetCriterion, main_coefs
+from .criterion import ModelOptions, SetCriterion, main_coefs
 from .deformable_transformer import DeformableTransformer, TransformerOutput, refine_boxes
 from .matcher import build_matcher
 from .position_encoding import build_position_encoding
@@ -52,11 +52,13 @@ class DeformableDETR(nn.Module):
         with_box_refine: iterative box refinement with one head per layer.
         two_stage: queries from encoder proposals (an extra class/box head scores them).
         mixed_selection: two-stage with learned content queries.
+        num_extra_queries: rows of the learned query table after the Q main ones, used by add-on query
+            groups in training only (H-DETR's one-to-many queries; official checkpoint shapes).
     """
 
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False, mixed_selection: bool = False) -> None:
+                 two_stage: bool = False, mixed_selection: bool = False, num_extra_queries: int = 0) -> None:
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -67,9 +69,9 @@ class DeformableDETR(nn.Module):
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+            self.query_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim * 2)
         elif mixed_selection:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim)
+            self.query_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim)
         self.input_proj = self._input_proj(backbone, hidden_dim, num_feature_levels)
         self.backbone = backbone
 
@@ -145,7 +147,9 @@ class DeformableDETR(nn.Module):
             dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised
             cxcywh), ``aux_outputs`` (list of the same pair for decoder layers 0..L-2, with aux loss),
             ``enc_outputs`` (two-stage: proposal ``pred_logits`` [B, S, K] and ``pred_boxes`` [B, S, 4]),
-            and ``groups`` {name: same structure as the main outputs} when query groups ran.
+            ``groups`` {name: same structure as the main outputs} when query groups ran, and
+            ``o2m_outputs`` (same structure, main queries only) when the decoder layers make one-to-many
+            features (MS-DETR).
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
@@ -154,16 +158,22 @@ class DeformableDETR(nn.Module):
                                providers)
         return self.format_outputs(out)
 
+    def predict(self, hs: Tensor, box_logits: Tensor | None,
+                init_reference: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-layer class logits and sigmoid boxes of decoder features hs [L, B, T, C]."""
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            logits.append(self.class_embed[lvl](hs[lvl]))
+            if box_logits is not None:
+                boxes.append(box_logits[lvl].sigmoid())
+            else:
+                boxes.append(refine_boxes(self.bbox_embed[lvl](hs[lvl]), init_reference))
+        return logits, boxes
+
     def format_outputs(self, out: TransformerOutput) -> dict[str, Any]:
         """Per-layer class/box predictions, split into main queries and groups."""
         dec = out.decoder
-        logits, boxes = [], []
-        for lvl in range(dec.hs.shape[0]):
-            logits.append(self.class_embed[lvl](dec.hs[lvl]))
-            if dec.box_logits is not None:
-                boxes.append(dec.box_logits[lvl].sigmoid())
-            else:
-                boxes.append(refine_boxes(self.bbox_embed[lvl](dec.hs[lvl]), out.init_reference))
+        logits, boxes = self.predict(dec.hs, dec.box_logits, out.init_reference)
         sizes = [out.num_queries] + [g.size for g in out.groups]
         names = [None] + [g.name for g in out.groups]
         split_logits = [torch.split(x, sizes, dim=1) for x in logits]
@@ -175,6 +185,11 @@ class DeformableDETR(nn.Module):
                 result.update(part)
             else:
                 result.setdefault("groups", {})[name] = part
+        if dec.o2m_hs is not None:
+            q = out.num_queries
+            o2m_logits, o2m_boxes = self.predict(dec.o2m_hs[:, :, :q], None if dec.o2m_box_logits is None else
+                                                 dec.o2m_box_logits[:, :, :q], out.init_reference[:, :q])
+            result["o2m_outputs"] = self._layer_dict(o2m_logits, o2m_boxes)
         if out.enc_logits is not None:
             result["enc_outputs"] = {"pred_logits": out.enc_logits, "pred_boxes": out.enc_coord_unact.sigmoid()}
         if out.groups:
@@ -214,14 +229,16 @@ class PostProcess(nn.Module):
         return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(topk_values, labels, boxes)]
 
 
-def build_deformable_transformer(args: Any) -> DeformableTransformer:
+def build_deformable_transformer(args: Any, options: ModelOptions | None = None) -> DeformableTransformer:
+    """The transformer from the official flags; ``options`` carries the add-ons' decoder-layer variant."""
+    options = options or ModelOptions()
     return DeformableTransformer(
         d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
         num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
         activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
         enc_n_points=args.enc_n_points, two_stage=args.two_stage, two_stage_num_proposals=args.num_queries,
         mixed_selection=args.mixed_selection, look_forward_twice=args.look_forward_twice,
-        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl)
+        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl, decoder_layer=options.decoder_layer)
 
 
 def check_args(args: Any) -> None:
@@ -238,23 +255,32 @@ def check_args(args: Any) -> None:
                          f"got {args.hidden_dim}")
 
 
+def enc_coefs(args: Any) -> dict[str, float]:
+    """Coefficients of the encoder-proposal loss: MS-DETR's --enc_*_loss_coef, each defaulting to the main one."""
+    main = main_coefs(args)
+    given = {"loss_ce": args.enc_cls_loss_coef, "loss_bbox": args.enc_bbox_loss_coef,
+             "loss_giou": args.enc_giou_loss_coef}
+    return {k: main[k] if v is None else v for k, v in given.items()}
+
+
 @register_model("deformable_detr")
 def build_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """Deformable-DETR from the official flags (models/__init__.py adds the add-ons)."""
-    from .addon_builder import build_addons  # local: add-on modules import this file's helpers
+    from .addon_builder import build_addons, model_options  # local: add-on modules import this file's helpers
 
     check_args(args)
+    options = model_options(args)
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding)
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
                               from_scratch=args.backbone_from_scratch)
-    model = DeformableDETR(backbone, build_deformable_transformer(args), num_classes=args.num_classes,
+    model = DeformableDETR(backbone, build_deformable_transformer(args, options), num_classes=args.num_classes,
                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                            aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,
-                           mixed_selection=args.mixed_selection)
+                           mixed_selection=args.mixed_selection, num_extra_queries=options.extra_queries)
     addons = build_addons(args, model)
     criterion = SetCriterion(args.num_classes, build_matcher(args), main_coefs(args),
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0, two_stage=args.two_stage,
-                             focal_alpha=args.focal_alpha, addons=addons)
+                             enc_coefs=enc_coefs(args), focal_alpha=args.focal_alpha, addons=addons)
     return model, criterion, {"bbox": PostProcess(args.topk)}

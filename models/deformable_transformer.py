@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,21 @@ def refine_boxes(delta: Tensor, reference: Tensor, activate: bool = True) -> Ten
     else:
         out = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)
     return out.sigmoid() if activate else out
+
+
+def top_proposals(enc_logits: Tensor, enc_coord_unact: Tensor, valid: Tensor, k: int) -> Tensor:
+    """The k best encoder proposals by their first class logit, best first (two-stage query selection).
+
+    Args:
+        enc_logits: [B, S, K]; enc_coord_unact: [B, S, 4] before sigmoid; valid: [B, S] bool.
+
+    Returns:
+        [B, min(k, S), 4] detached proposal boxes before sigmoid. Invalid (padded or border) positions
+        never outrank a valid one.
+    """
+    scores = enc_logits[..., 0].masked_fill(~valid, float("-inf"))
+    topk_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)[1]
+    return torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).repeat(1, 1, 4)).detach()
 
 
 def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
@@ -156,22 +171,32 @@ class DecoderOutput:
         box_logits: [L, B, T, 4] unactivated predicted boxes of every layer when box refinement is on
             (computed once here and reused by the detection head), else None.
         references: [L, B, T, 2|4] the (detached) reference handed to the next layer.
+        o2m_hs: [L, B, T, C] second output of layers that return one (MS-DETR's one-to-many features,
+            never fed forward), else None.
+        o2m_box_logits: [L, B, T, 4] like ``box_logits`` for ``o2m_hs`` (same references), else None.
     """
 
     hs: Tensor
     box_logits: Tensor | None
     references: Tensor
+    o2m_hs: Tensor | None = None
+    o2m_box_logits: Tensor | None = None
+
+
+def _stack(xs: list[Tensor]) -> Tensor | None:
+    return torch.stack(xs) if xs else None
 
 
 class DeformableTransformerDecoder(nn.Module):
     """Decoder stack; with ``bbox_embed`` attached it refines the reference boxes layer by layer.
 
     ``bbox_embed`` and ``class_embed`` are set by the detector (official aliasing, so that state-dict
-    keys match the official checkpoints).
+    keys match the official checkpoints). A layer returns its output [B, T, C], or a pair (output,
+    one-to-many features) (models/ms_detr_layer.py); the second element is only predicted from.
     """
 
-    def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int,
-                 look_forward_twice: bool = False, use_checkpoint: bool = False) -> None:
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, look_forward_twice: bool = False,
+                 use_checkpoint: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
         self.num_layers = num_layers
@@ -185,7 +210,7 @@ class DeformableTransformerDecoder(nn.Module):
                 src_padding_mask: Tensor | None = None, self_attn_mask: Tensor | None = None) -> DecoderOutput:
         """tgt, query_pos: [B, T, C]; reference_points: [B, T, 2|4] sigmoid space."""
         output = tgt
-        hs, box_logits, references = [], [], []
+        hs, box_logits, references, o2m_hs, o2m_box_logits = [], [], [], [], []
         pred_reference = reference_points  # the reference the predictions of this layer are relative to
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
@@ -198,19 +223,23 @@ class DeformableTransformerDecoder(nn.Module):
                 output = checkpoint(layer, *args, use_reentrant=False)
             else:
                 output = layer(*args)
+            output, o2m = output if isinstance(output, tuple) else (output, None)
             hs.append(output)
+            if o2m is not None:
+                o2m_hs.append(o2m)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](output)
                 new_reference = refine_boxes(delta, reference_points)
-                if self.look_forward_twice:
-                    box_logits.append(refine_boxes(delta, pred_reference, activate=False))
-                    pred_reference = new_reference  # not detached: gradient looks one layer back
-                else:
-                    box_logits.append(refine_boxes(delta, reference_points, activate=False))
+                if not self.look_forward_twice:
+                    pred_reference = reference_points
+                box_logits.append(refine_boxes(delta, pred_reference, activate=False))
+                if o2m is not None:
+                    o2m_box_logits.append(refine_boxes(self.bbox_embed[lid](o2m), pred_reference, activate=False))
+                pred_reference = new_reference  # look forward twice: not detached, gradient looks one layer back
                 reference_points = new_reference.detach()
             references.append(reference_points)
-        return DecoderOutput(torch.stack(hs), torch.stack(box_logits) if box_logits else None, torch.stack(references))
-
+        return DecoderOutput(torch.stack(hs), _stack(box_logits), torch.stack(references), _stack(o2m_hs),
+                             _stack(o2m_box_logits))
 
 
 @dataclass
@@ -248,13 +277,16 @@ class DeformableTransformer(nn.Module):
         look_forward_twice: box predictions keep the gradient of the previous layer's refinement.
         use_checkpoint: activation checkpointing of every layer (saves memory, costs time).
         msda_impl: deformable-attention implementation ("auto", "pytorch", ...).
+        decoder_layer: decoder-layer class (or factory) taking the standard layer's arguments; add-ons
+            that need another layer (MS-DETR) supply it through the builder. Default: the standard layer.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, activation: str = "relu",
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4, two_stage: bool = False,
                  two_stage_num_proposals: int = 300, mixed_selection: bool = False,
-                 look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto") -> None:
+                 look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto",
+                 decoder_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
         self.two_stage = two_stage
@@ -263,8 +295,8 @@ class DeformableTransformer(nn.Module):
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
                                                       num_feature_levels, nhead, enc_n_points, msda_impl)
         self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers, use_checkpoint)
-        dec_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                      num_feature_levels, nhead, dec_n_points, msda_impl)
+        dec_layer = (decoder_layer or DeformableTransformerDecoderLayer)(
+            d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, dec_n_points, msda_impl)
         self.decoder = DeformableTransformerDecoder(dec_layer, num_decoder_layers, look_forward_twice,
                                                     use_checkpoint)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -329,6 +361,36 @@ class DeformableTransformer(nn.Module):
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         return output_memory, output_proposals, valid
 
+    def proposal_queries(self, coords_unact: Tensor, content: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Two-stage queries from selected proposals.
+
+        Args:
+            coords_unact: [B, N, 4] detached proposal boxes before sigmoid.
+            content: mixed selection: [>=N, C] learned content queries (rows 0..N-1 are used); None: the
+                content query is the second half of the proposal embedding.
+
+        Returns:
+            tgt [B, N, C], query_pos [B, N, C], reference [B, N, 4] (sigmoid space).
+        """
+        bs, n, c = coords_unact.shape[0], coords_unact.shape[1], self.d_model
+        pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(coords_unact)))
+        if content is not None:
+            query_pos, tgt = pos_trans_out[..., :c], content[:n].unsqueeze(0).expand(bs, -1, -1)
+        else:
+            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+        return tgt, query_pos, coords_unact.sigmoid()
+
+    def learned_queries(self, query_embed: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One-stage queries from the learned table [N, 2C] (positional | content).
+
+        Returns:
+            tgt [B, N, C], query_pos [B, N, C], reference [B, N, 2] (sigmoid space).
+        """
+        query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
+        query_pos = query_pos.unsqueeze(0).expand(batch_size, -1, -1)
+        tgt = tgt.unsqueeze(0).expand(batch_size, -1, -1)
+        return tgt, query_pos, self.reference_points(query_pos).sigmoid()
+
     def query_pos_from_reference(self, reference: Tensor) -> Tensor:
         """Positional queries of two-stage hosts: pos_trans of the sine embedding of the boxes."""
         if not self.two_stage:
@@ -336,6 +398,18 @@ class DeformableTransformer(nn.Module):
                              "the query group must provide query_pos")
         return self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(inverse_sigmoid(reference))))[
             ..., : self.d_model]
+
+    def _append_groups(self, tgt: Tensor, query_pos: Tensor, reference: Tensor,
+                       groups: Sequence[QueryGroup]) -> tuple[Tensor, Tensor, Tensor]:
+        """Main queries followed by every group's queries along the query axis."""
+        for g in groups:
+            if g.reference.shape[-1] != reference.shape[-1]:
+                raise ValueError(f"query group {g.name!r}: references must be {reference.shape[-1]}-d "
+                                 f"like the main queries")
+        tgt = torch.cat([tgt] + [g.tgt for g in groups], 1)
+        query_pos = torch.cat([query_pos] + [g.query_pos if g.query_pos is not None
+                                             else self.query_pos_from_reference(g.reference) for g in groups], 1)
+        return tgt, query_pos, torch.cat([reference] + [g.reference for g in groups], 1)
 
     @staticmethod
     def get_valid_ratio(mask: Tensor) -> Tensor:
@@ -372,7 +446,7 @@ class DeformableTransformer(nn.Module):
 
         memory = self.encoder(src_flatten, shapes, spatial_shapes, level_start_index, valid_ratios, pos_flatten,
                               mask_flatten)
-        bs, _, c = memory.shape
+        bs = memory.shape[0]
         enc_logits = enc_coord_unact = None
         if self.two_stage:
             if enc_heads is None:
@@ -380,23 +454,11 @@ class DeformableTransformer(nn.Module):
             output_memory, output_proposals, valid = self.gen_encoder_output_proposals(memory, mask_flatten, shapes)
             enc_logits = enc_heads[0](output_memory)
             enc_coord_unact = enc_heads[1](output_memory) + output_proposals
-            # Invalid (padded or border) positions must never become proposals.
-            scores = enc_logits[..., 0].masked_fill(~valid, float("-inf"))
-            topk = min(self.two_stage_num_proposals, scores.shape[1])
-            topk_idx = torch.topk(scores, topk, dim=1)[1]
-            topk_coords_unact = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).repeat(1, 1, 4)).detach()
-            reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact)))
-            if self.mixed_selection:
-                query_pos = pos_trans_out[..., :c]
-                tgt = query_embed[:topk].unsqueeze(0).expand(bs, -1, -1)
-            else:
-                query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+            topk_coords_unact = top_proposals(enc_logits, enc_coord_unact, valid, self.two_stage_num_proposals)
+            tgt, query_pos, reference_points = self.proposal_queries(
+                topk_coords_unact, query_embed if self.mixed_selection else None)
         else:
-            query_pos, tgt = torch.split(query_embed, c, dim=1)
-            query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
-            tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            tgt, query_pos, reference_points = self.learned_queries(query_embed, bs)
         num_queries = tgt.shape[1]
 
         groups: list[QueryGroup] = []
@@ -406,14 +468,7 @@ class DeformableTransformer(nn.Module):
             groups = [g for g in (p(enc) for p in providers) if g is not None]
         attn_mask = build_group_attn_mask(num_queries, groups, memory.device)
         if groups:
-            for g in groups:
-                if g.reference.shape[-1] != reference_points.shape[-1]:
-                    raise ValueError(f"query group {g.name!r}: references must be {reference_points.shape[-1]}-d "
-                                     f"like the main queries")
-            tgt = torch.cat([tgt] + [g.tgt for g in groups], 1)
-            query_pos = torch.cat([query_pos] + [g.query_pos if g.query_pos is not None
-                                                 else self.query_pos_from_reference(g.reference) for g in groups], 1)
-            reference_points = torch.cat([reference_points] + [g.reference for g in groups], 1)
+            tgt, query_pos, reference_points = self._append_groups(tgt, query_pos, reference_points, groups)
 
         dec = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
                            query_pos, mask_flatten, attn_mask)

@@ -83,6 +83,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bbox_loss_coef", default=5, type=float)
     g.add_argument("--giou_loss_coef", default=2, type=float)
     g.add_argument("--focal_alpha", default=0.25, type=float)
+    for term, main in (("cls", "--cls_loss_coef"), ("bbox", "--bbox_loss_coef"), ("giou", "--giou_loss_coef")):
+        g.add_argument(f"--enc_{term}_loss_coef", default=None, type=float,
+                       help=f"encoder-proposal loss (MS-DETR's flag); default: the value of {main}")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -72,6 +72,25 @@ class LossGroup:
     log: bool = False
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """What enabled add-ons ask of the host model at build time (the model builder applies it).
+
+    Add-ons never patch a built model: an add-on whose seed changes the model's own parameters says so
+    here, so that the parameter names and shapes are those of the seed's released checkpoints.
+
+    Attributes:
+        extra_queries: rows appended to the learned query table after the Q main rows (H-DETR's
+            one-to-many queries: ``query_embed.weight`` [Q + extra, 2C] one-stage, [Q + extra, C] with
+            mixed selection); only the first Q rows are main queries.
+        decoder_layer: decoder-layer class or factory with the standard layer's arguments (MS-DETR's
+            layer with the auxiliary FFN); None = the standard layer.
+    """
+
+    extra_queries: int = 0
+    decoder_layer: Callable[..., Any] | None = None
+
+
 @dataclass
 class StepContext:
     """What add-ons see of the current training step.
@@ -108,6 +127,11 @@ class AddOn:
     def enabled(cls, args: argparse.Namespace) -> bool:
         """Whether the seed's own flags switch this add-on on (``--addons NAME`` always does)."""
         return False
+
+    @classmethod
+    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
+        """The host-model options this add-on needs, added to ``options`` (default: none)."""
+        return options
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> AddOn:

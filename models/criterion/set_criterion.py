@@ -41,6 +41,23 @@ def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
     return batch_idx, src_idx
 
 
+def _last_occurrence(keys: Tensor) -> Tensor:
+    """Positions of the last occurrence of every distinct key, in first-seen-from-the-end order.
+
+    A one-to-many assigner may pair a query with several targets; it orders its pairs so that the one
+    whose class the query should learn comes last. Writing only those makes the class target explicit
+    (an indexed write with duplicate indices is undefined on GPU).
+    """
+    n = keys.numel()
+    if n == 0:
+        return keys
+    flipped = keys.flip(0)
+    uniq, inverse = torch.unique(flipped, return_inverse=True)
+    first = torch.full((uniq.numel(),), n, dtype=torch.int64, device=keys.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=keys.device), "amin")
+    return n - 1 - first
+
+
 class SetCriterion(nn.Module):
     """Loss of a DETR-family detector with composable add-ons.
 
@@ -88,7 +105,8 @@ class SetCriterion(nn.Module):
         onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=logits.dtype,
                              device=logits.device)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[idx] = target_classes_o
+        last = _last_occurrence(idx[0] * logits.shape[1] + idx[1])
+        target_classes[idx[0][last], idx[1][last]] = target_classes_o[last]
         onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
         onehot = onehot[:, :, :-1]
         loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma) * logits.shape[1]

@@ -1,0 +1,102 @@
+"""H-DETR's hybrid branch: an extra group of one-to-many queries matched to ground truth repeated k times.
+
+specs/deformable_family.md §3.1 ([HD] HDETR/H-Deformable-DETR). The one-to-many queries are a query group
+behind the shared block mask (models/query_groups.py): they see each other but never the one-to-one
+queries, and the one-to-one queries never see them. In two-stage they are the proposals ranked
+Q1+1 .. Q1+Qm (the one-to-one queries take the first Q1), in one-stage / with mixed selection the rows
+Q1 .. Q1+Qm-1 of the model's own ``query_embed`` table (official names and shapes, so H-DETR's released
+checkpoints load). Evaluation never builds the group: only the Q1 one-to-one queries/proposals exist.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..deformable_transformer import DeformableTransformer, top_proposals
+from ..query_groups import EncoderOutput, QueryGroup
+from ..registry import register_addon
+from .base import AddOn, LossGroup, LossSpec, ModelOptions, StepContext
+
+GROUP = "one2many"
+
+
+def repeat_targets(targets: Sequence[Mapping[str, Tensor]], k: int) -> list[dict[str, Tensor]]:
+    """Every image's ground truth tiled k times (labels [k*G], boxes [k*G, 4])."""
+    return [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+
+
+@register_addon("hybrid")
+class HybridBranch(AddOn):
+    """H-DETR's hybrid matching branch (losses under the official suffix ``_one2many``).
+
+    Args:
+        model: the host DeformableDETR, built with ``num_extra_queries = num_one2many``.
+        num_one2many: Qm, the one-to-many queries.
+        k: times each ground-truth box is repeated.
+        lambda_one2many: weight of every one-to-many loss (multiplies its coefficient in weight_dict).
+    """
+
+    name = "hybrid"
+    order = 20
+
+    def __init__(self, model: nn.Module, num_one2many: int, k: int, lambda_one2many: float) -> None:
+        self.model = model  # not a submodule: the queries and heads are the model's own parameters
+        self.num_one2many, self.k, self.lambda_one2many = num_one2many, k, lambda_one2many
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("H-DETR hybrid branch (--num_queries_one2one is --num_queries)")
+        g.add_argument("--num_queries_one2many", default=0, type=int,
+                       help="one-to-many queries Qm; > 0 switches the hybrid branch on (H-DETR configs: 1500)")
+        g.add_argument("--k_one2many", default=5, type=int, help="ground-truth repetitions (H-DETR configs: 6)")
+        g.add_argument("--lambda_one2many", default=1.0, type=float, help="weight of the one-to-many losses")
+
+    @classmethod
+    def enabled(cls, args: argparse.Namespace) -> bool:
+        # Qm = 0 is the baseline (the official code then runs a NaN loss unless --k_one2many 0 is passed).
+        return args.num_queries_one2many > 0
+
+    @classmethod
+    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
+        if args.num_queries_one2many <= 0:
+            raise ValueError("the hybrid branch needs --num_queries_one2many > 0")
+        return ModelOptions(options.extra_queries + args.num_queries_one2many, options.decoder_layer)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model: nn.Module) -> HybridBranch:
+        if not isinstance(getattr(model, "transformer", None), DeformableTransformer):
+            raise ValueError("the hybrid branch builds its queries like deformable_detr's; use -m deformable_detr")
+        table = getattr(model, "query_embed", None)
+        if table is not None and table.num_embeddings < args.num_queries + args.num_queries_one2many:
+            raise ValueError("the model builder ignored the add-ons' extra query rows (ModelOptions.extra_queries)")
+        return cls(model, args.num_queries_one2many, args.k_one2many, args.lambda_one2many)
+
+    def loss_specs(self, main: LossSpec) -> list[LossSpec]:
+        return [LossSpec(GROUP, main.num_aux_layers, dict(main.coefs), self.lambda_one2many)]
+
+    def query_group(self, enc: EncoderOutput, ctx: StepContext) -> QueryGroup | None:
+        """The Qm one-to-many queries for this training step (same construction as the main queries)."""
+        transformer, q1 = self.model.transformer, enc.num_queries
+        table = getattr(self.model, "query_embed", None)
+        if enc.enc_coord_unact is not None:  # two-stage: proposals ranked after the one-to-one ones
+            coords = enc.enc_coord_unact
+            valid = torch.isfinite(coords).all(-1)  # invalid anchors are +inf (gen_encoder_output_proposals)
+            coords = top_proposals(enc.enc_logits, coords, valid, q1 + self.num_one2many)[:, q1:]
+            if coords.shape[1] == 0:
+                return None
+            content = table.weight[q1:] if transformer.mixed_selection else None
+            tgt, query_pos, reference = transformer.proposal_queries(coords, content)
+        else:
+            tgt, query_pos, reference = transformer.learned_queries(
+                table.weight[q1:q1 + self.num_one2many], enc.memory.shape[0])
+        return QueryGroup(GROUP, tgt, reference, query_pos)
+
+    def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:
+        """Hungarian matching of the one-to-many outputs (all layers) to the k-times repeated targets."""
+        out = outputs.get("groups", {}).get(GROUP)
+        if out is None:  # evaluation: no one-to-many queries
+            return []
+        return [LossGroup(GROUP, out, repeat_targets(targets, self.k))]

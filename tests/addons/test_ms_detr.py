@@ -1,0 +1,166 @@
+"""MS-DETR add-on: the one-to-many assigner on hand-made cases, the decoder layer, official names, no leakage."""
+import pytest
+import torch
+
+from models import build_model
+from models.criterion.ms_detr import OneToManyAssigner
+from models.ms_detr_layer import MSDETRDecoderLayer
+from tests.addons.official_keys import R50, check_strict_load, official_shapes
+from tests.conftest import tiny_args
+from util.misc import nested_tensor_from_tensor_list
+
+MS = ["--use_ms_detr", "--use_aux_ffn"]
+
+
+def _pairs(q_idx, g_idx):
+    return list(zip(q_idx.tolist(), g_idx.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------- assigner
+def test_quality_mixes_iou_and_class_score():
+    assigner = OneToManyAssigner()
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.05, 0.05]])
+    logits = torch.full((3, 4), -20.0)
+    logits[0, 2] = 0.0  # p = 0.5 for class 2
+    s = assigner.quality(logits, boxes, torch.tensor([2]), gt)
+    torch.testing.assert_close(s, torch.tensor([[0.7 + 0.15, 0.7 * 0.25, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_threshold_selects_positives_and_pairs_sorted_ascending():
+    s = torch.tensor([[0.9, 0.5, 0.45, 0.3, 0.1, 0.39, 0.0, 0.2]])
+    q, g = OneToManyAssigner(threshold=0.4, k=6, positive_fraction=1.0).assign(s)
+    assert _pairs(q, g) == [(2, 0), (1, 0), (0, 0)]  # the 3 queries >= 0.4, best last
+
+
+def test_top_k_per_ground_truth():
+    s = torch.linspace(0.5, 0.9, 8)[None]  # every query is positive
+    q, g = OneToManyAssigner(threshold=0.4, k=2, positive_fraction=1.0).assign(s)
+    assert _pairs(q, g) == [(6, 0), (7, 0)]
+
+
+def test_positive_cap_and_deterministic_subsampling():
+    # 8 queries, all positive: 0-3 prefer GT 0, 4-7 prefer GT 1; the cap keeps floor(0.25 * 8) = 2.
+    s = torch.zeros(2, 8)
+    s[0, :4] = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    s[1, 4:] = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    runs = [OneToManyAssigner(threshold=0.4, k=6, seed=3).assign(s) for _ in range(2)]
+    assert _pairs(*runs[0]) == _pairs(*runs[1])  # same seed, same draw
+    q, g = runs[0]
+    assert len(q) <= 2 + 1  # capped positives, plus at most the best query of a GT left without any
+    assert {0, 4} <= set(q.tolist())  # every GT keeps its best query
+    draws = {tuple(q.tolist()) for q, _ in (OneToManyAssigner(k=6, seed=i).assign(s) for i in range(20))}
+    assert len(draws) > 1  # the cap is a random draw, not a fixed rule
+
+
+def test_every_ground_truth_gets_its_best_query():
+    # Query 0 is the best query of both GTs but prefers GT 0; GT 1 must still get it (the official code drops GT 1).
+    s = torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.1, 0.05]])
+    q, g = OneToManyAssigner(threshold=0.4, k=6, positive_fraction=1.0).assign(s)
+    pairs = _pairs(q, g)
+    assert (0, 0) in pairs and (0, 1) in pairs
+    assert pairs[-1] == (0, 0)  # the higher-quality pair is last: it sets query 0's class target
+
+
+def test_empty_targets_and_fewer_queries_than_k():
+    assigner = OneToManyAssigner(k=6)
+    outputs = {"pred_logits": torch.randn(2, 3, 5), "pred_boxes": torch.rand(2, 3, 4) * 0.5 + 0.25}
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    (q0, g0), (q1, g1) = assigner(outputs, targets)
+    assert 1 <= len(q0) <= 3 and (g0 == 0).all() and len(q1) == len(g1) == 0
+
+
+def test_class_target_of_a_duplicated_query_is_its_last_pair():
+    _, criterion, _ = build_model(tiny_args(*MS))
+    logits = torch.randn(1, 4, 5)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4)}]
+    dup = [(torch.tensor([0, 0]), torch.tensor([0, 1]))]
+    last_only = [(torch.tensor([0]), torch.tensor([1]))]
+    a = criterion.loss_labels({"pred_logits": logits}, targets, dup, 1.0)["loss_ce"]
+    b = criterion.loss_labels({"pred_logits": logits}, targets, last_only, 1.0)["loss_ce"]
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def test_layer_order_is_cross_self_ffn():
+    torch.manual_seed(0)
+    layer = MSDETRDecoderLayer(32, 64, 0.0, n_levels=1, n_heads=4, n_points=2, use_aux_ffn=True).eval()
+    tgt, pos = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    ref, src = torch.rand(2, 5, 1, 2), torch.randn(2, 16, 32)
+    shapes, start = torch.tensor([[4, 4]]), torch.tensor([0])
+    out, o2m = layer(tgt, pos, ref, src, shapes, start)
+    x = layer.norm1(tgt + layer.cross_attn(tgt + pos, ref, src, shapes, start, None))
+    torch.testing.assert_close(o2m, layer.norm4(x + layer.linear4(torch.relu(layer.linear3(x)))))
+    x = layer.norm2(x + layer.self_attn(x + pos, x + pos, x, need_weights=False)[0])
+    torch.testing.assert_close(out, layer.norm3(x + layer.linear2(torch.relu(layer.linear1(x)))))
+
+
+def test_official_ms_detr_checkpoint_names_load_strictly():
+    args = tiny_args("--with_box_refine", "--two_stage", *MS)
+    for flag, value in R50 + [("dim_feedforward", 2048)]:
+        setattr(args, flag, value)
+    model, _, _ = build_model(args)
+    shapes = official_shapes(2048)
+    for i in range(6):
+        p = f"transformer.decoder.layers.{i}."
+        shapes.update({p + "linear3.weight": [2048, 256], p + "linear3.bias": [2048], p + "linear4.weight": [256, 2048],
+                       p + "linear4.bias": [256], p + "norm4.weight": [256], p + "norm4.bias": [256]})
+    assert len(shapes) == 666
+    check_strict_load(model, shapes)
+    assert sum(p.numel() for p in model.parameters()) == 53_793_625
+
+
+@pytest.mark.parametrize("variant", [[], ["--with_box_refine", "--two_stage", "--look_forward_twice"]],
+                         ids=["one_stage", "two_stage_lft"])
+def test_training_step_every_parameter_gets_a_gradient(variant, batch):
+    model, criterion, _ = build_model(tiny_args(*variant, *MS))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    images, targets = batch
+    out = model.train()(nested_tensor_from_tensor_list(images))
+    assert len(out["o2m_outputs"]["aux_outputs"]) == 1
+    losses = criterion(out, targets)
+    assert {"loss_ce_o2m", "loss_giou_0_o2m"} <= set(losses) and criterion.weight_dict["loss_ce_o2m"] == 2.0
+    criterion.total_loss(losses).backward()
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad
+
+
+def test_predictions_do_not_depend_on_the_aux_ffn(batch):
+    model, _, _ = build_model(tiny_args("--with_box_refine", "--two_stage", *MS))
+    model.eval()
+    images, _ = batch
+    with torch.no_grad():
+        a = model(nested_tensor_from_tensor_list(images))
+        for layer in model.transformer.decoder.layers:
+            layer.linear4.weight.add_(1.0)
+        b = model(nested_tensor_from_tensor_list(images))
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["o2m_outputs"]["pred_logits"], b["o2m_outputs"]["pred_logits"])
+
+
+def test_flags_are_wired():
+    _, criterion, _ = build_model(tiny_args(*MS, "--o2m_matcher_threshold", "0.3", "--o2m_matcher_k", "4",
+                                            "--o2m_cls_loss_coef", "3", "--o2m_bbox_loss_coef", "4",
+                                            "--o2m_giou_loss_coef", "1", "--cls_loss_coef", "1",
+                                            "--enc_cls_loss_coef", "2"))
+    (addon,) = criterion.addons
+    assert (addon.assigner.threshold, addon.assigner.k) == (0.3, 4)
+    w = criterion.weight_dict
+    assert (w["loss_ce_o2m"], w["loss_bbox_0_o2m"], w["loss_giou_o2m"]) == (3, 4, 1)
+    assert (w["loss_ce"], w["loss_ce_enc"], w["loss_bbox_enc"]) == (1, 2, 5)
+
+
+def test_subsampling_generator_is_checkpointed():
+    _, criterion, _ = build_model(tiny_args(*MS))
+    (addon,) = criterion.addons
+    state = addon.state_dict()
+    s = torch.rand(3, 40) * 0.5 + 0.5  # 40 positives, cap 10: a random draw
+    first = addon.assigner.assign(s)
+    addon.load_state_dict(state)
+    assert _pairs(*addon.assigner.assign(s)) == _pairs(*first)
