@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install deps ops ops-cuda-check test test-fast demo lint clean
+.PHONY: install deps ops ops-cpu ops-cuda-check test test-fast demo lint clean
 
 install: deps ops
 
@@ -30,7 +30,12 @@ test:
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
-demo: install
+# The CPU demo needs only the C++ kernel: skip the (slow) CUDA compile here.
+ops-cpu:
+	cd models/ops && MSDA_NO_CUDA=1 $(PYTHON) setup.py build_ext --inplace \
+		|| echo "warning: MSDeformAttn CPU kernel not built; using the pure-PyTorch path"
+
+demo: deps ops-cpu
 	PYTHONUNBUFFERED=1 $(PYTHON) scripts/demo.py --output_dir $(DEMO_DIR)
 
 lint:
