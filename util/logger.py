@@ -105,6 +105,8 @@ class MetricLogger:
         total = len(iterable) if total is None else total
         start = end = time.time()
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        # Set now, not after the loop: a caller that stops early (--max_iters_per_epoch) never resumes us.
+        self.iter_time, self.data_time = iter_time, data_time
         width = len(str(total))
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
@@ -119,7 +121,6 @@ class MetricLogger:
                             f"data: {data_time}{mem}")
             end = time.time()
         total_time = time.time() - start
-        self.iter_time, self.data_time = iter_time, data_time
         if is_main_process():
             logger.info(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
                         f"({total_time / max(total, 1):.4f} s / it)")
