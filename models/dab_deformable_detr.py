@@ -44,13 +44,14 @@ def check_anchor_args(args: Any, model: str) -> None:
 
 
 def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, share_heads: bool,
-                      enc_class_agnostic: bool) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+                      enc_class_agnostic: bool, num_backbone_levels: int = 3
+                      ) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """Backbone, detector, add-ons, criterion and post-processor around an anchor transformer."""
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding)
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
-                              from_scratch=args.backbone_from_scratch)
+                              from_scratch=args.backbone_from_scratch, num_backbone_levels=num_backbone_levels)
     model = AnchorDeformableDETR(backbone, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
                                  num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                                  share_heads=share_heads, random_refpoints_xy=args.random_refpoints_xy)

@@ -1,4 +1,6 @@
-"""DINO: DAB-Deformable anchors + two-stage mixed query selection + look forward twice (+ CDN add-on).
+"""DINO: DAB-Deformable anchors, two-stage mixed query selection, look forward twice (+ the CDN add-on).
+
+4-scale by default (C3-C5 + one extra level); ``--num_feature_levels 5`` is DINO-5scale (C2-C5 + one).
 
 specs/dn_dab_dino.md §4: the top-Q encoder proposals (by their best class logit) give the anchors
 (detached), a learned table the content; one class head and one box head shared by the decoder
@@ -28,4 +30,7 @@ def build_dino(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]
         activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
         enc_n_points=args.enc_n_points, num_queries=args.num_queries, two_stage=True, conditional_scale=False,
         final_norm=True, look_forward_twice=True, use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl)
-    return build_anchor_detr(args, transformer, share_heads=True, enc_class_agnostic=False)
+    # 5-scale: C2-C5 plus one extra level (DINO_5scale's return_interm_indices [0, 1, 2, 3]).
+    num_backbone_levels = 4 if args.num_feature_levels >= 5 else 3
+    return build_anchor_detr(args, transformer, share_heads=True, enc_class_agnostic=False,
+                             num_backbone_levels=num_backbone_levels)
