@@ -77,7 +77,8 @@ class AnchorDeformableDETR(nn.Module):
             self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_dec))
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)  # DAB-Deformable quirk (head 0 only)
         self.transformer.decoder.bbox_embed = self.bbox_embed
-        if self.two_stage:  # DINO: separate copies score the encoder proposals
+        if self.two_stage:  # DINO: the decoder aliases the class heads too; separate copies score the proposals
+            self.transformer.decoder.class_embed = self.class_embed
             self.transformer.enc_out_class_embed = copy.deepcopy(class_embed)
             self.transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .anchor_transformer import AnchorDeformableTransformer
 from .criterion import SetCriterion
-from .dab_deformable_detr import build_anchor_detr, check_anchor_args
+from .dab_deformable_detr import add_anchor_args, build_anchor_detr, check_anchor_args
 from .registry import register_model
 
 
@@ -34,3 +34,6 @@ def build_dino(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]
     num_backbone_levels = 4 if args.num_feature_levels >= 5 else 3
     return build_anchor_detr(args, transformer, share_heads=True, enc_class_agnostic=False,
                              num_backbone_levels=num_backbone_levels)
+
+
+build_dino.add_args = add_anchor_args  # the same flag group (added once)
