@@ -1,6 +1,6 @@
 """Side-by-side training-step time of a model with and without add-on flags (same weights, same batch).
 
-    python tools/addon_step_time.py --flags "--with_box_refine --two_stage" --addon_flags "--use_dn" --steps 20
+    python tools/addon_step_time.py --flags="--with_box_refine --two_stage" --addon_flags="--use_dn" --steps 20
 
 Both models are built from the synthetic benchmark's model size (tools/synthetic_benchmark.py COMMON),
 steps alternate A, B, A, B ... so that load from other processes hits both alike, and the median
