@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from . import deformable_detr  # noqa: F401  (registers deformable_detr)
+from . import dab_deformable_detr, deformable_detr, dino  # noqa: F401  (register the models)
 from .registry import ADDONS, MODELS, register_addon, register_model  # noqa: F401
 
 

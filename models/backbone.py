@@ -101,7 +101,7 @@ class ResNetBackbone(BackboneBase):
     """torchvision ResNet with FrozenBatchNorm2d; conv1 and layer1 are always frozen (official)."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 pretrained_path: str | None = None, from_scratch: bool = False) -> None:
+                 pretrained_path: str | None = None, from_scratch: bool = False, num_levels: int = 3) -> None:
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose from {RESNETS} or a timm model as timm:<name>")
         if dilation and name in ("resnet18", "resnet34"):
@@ -116,8 +116,8 @@ class ResNetBackbone(BackboneBase):
             trained_stage = from_scratch or any(layer in pname for layer in ("layer2", "layer3", "layer4"))
             if not train_backbone or not trained_stage:
                 p.requires_grad_(False)
-        layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
-        strides = [8, 16, 32] if return_interm_layers else [32]
+        layers = ["layer1", "layer2", "layer3", "layer4"][-num_levels:] if return_interm_layers else ["layer4"]
+        strides = [4, 8, 16, 32][-num_levels:] if return_interm_layers else [32]
         if dilation:
             strides[-1] = 16
         channels = [self._out_channels(getattr(net, layer)) for layer in layers]
@@ -144,7 +144,7 @@ class TimmBackbone(BackboneBase):
     }
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool,
-                 pretrained_path: str | None = None, drop_path_rate: float = 0.0) -> None:
+                 pretrained_path: str | None = None, drop_path_rate: float = 0.0, num_levels: int = 3) -> None:
         import timm  # imported lazily: only timm backbones need it
 
         model_name = self.ALIASES.get(name, name)
@@ -153,7 +153,7 @@ class TimmBackbone(BackboneBase):
             kwargs["strict_img_size"] = False  # any input size, padded to the window inside timm
         body = timm.create_model(model_name, **kwargs)
         n = len(body.feature_info.channels())
-        idx = list(range(n - 3, n)) if return_interm_layers else [n - 1]
+        idx = list(range(n - num_levels, n)) if return_interm_layers else [n - 1]
         body = timm.create_model(model_name, out_indices=tuple(idx), **kwargs)
         if pretrained_path:
             load_local_weights(body, pretrained_path, model_name)
@@ -180,10 +180,12 @@ class Joiner(nn.Sequential):
 
 def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: float, num_feature_levels: int,
                    dilation: bool = False, pretrained_path: str | None = None, drop_path_rate: float = 0.0,
-                   from_scratch: bool = False) -> Joiner:
+                   from_scratch: bool = False, num_backbone_levels: int = 3) -> Joiner:
     """``name``: resnet18/34/50/101, or a timm model (``timm:<name>`` or a known alias like swin_tiny).
 
     ``from_scratch``: ResNets get trainable BatchNorm and all stages trained (no pretrained weights).
+    ``num_backbone_levels``: stages returned when multi-scale: 3 (C3-C5, Deformable-DETR) or 4 (C2-C5,
+    DINO 5-scale).
     """
     train_backbone = lr_backbone > 0
     multi_scale = num_feature_levels > 1
@@ -191,10 +193,12 @@ def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: flo
         logger.warning("backbone %s starts from random weights: pass --pretrained_backbone_path with local "
                        "ImageNet weights to reproduce the papers (nothing is downloaded)", name)
     if name in RESNETS:
-        body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path, from_scratch)
+        body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path, from_scratch,
+                              num_backbone_levels)
     else:
         timm_name = name.removeprefix("timm:")
         if dilation:
             raise ValueError("--dilation (DC5) is only available for ResNet backbones")
-        body = TimmBackbone(timm_name, train_backbone, multi_scale, pretrained_path, drop_path_rate)
+        body = TimmBackbone(timm_name, train_backbone, multi_scale, pretrained_path, drop_path_rate,
+                            num_backbone_levels)
     return Joiner(body, position_embedding)

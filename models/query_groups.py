@@ -25,6 +25,8 @@ class QueryGroup:
         query_pos: [B, N, C] positional queries, or None to let the host derive them from
             ``reference`` (hosts whose positional query is a function of the anchor).
         attn_mask: [N, N] bool, True = attention blocked, inside the group (None: all visible).
+        see_main: the group's queries may attend to the main queries (DN-DETR/DINO denoising queries
+            do); the main queries never see a group either way.
         meta: anything the add-on needs back at loss time.
     """
 
@@ -33,6 +35,7 @@ class QueryGroup:
     reference: Tensor
     query_pos: Tensor | None = None
     attn_mask: Tensor | None = None
+    see_main: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,6 +91,8 @@ def build_group_attn_mask(num_main: int, groups: Sequence[QueryGroup], device: t
                 raise ValueError(f"query group {g.name!r}: attn_mask must be [{g.size}, {g.size}], "
                                  f"got {tuple(g.attn_mask.shape)}")
             mask[start:end, start:end] = g.attn_mask
+        if g.see_main:
+            mask[start:end, :num_main] = False
         start = end
     return mask
 

@@ -60,6 +60,8 @@ class LossGroup:
         matcher: assigner ``(outputs, targets) -> indices``; None = the criterion's Hungarian matcher.
         indices: fixed (query, target) indices used for every layer (e.g. denoising); overrides matcher.
         num_boxes: normaliser before the all-reduce; None = number of target boxes.
+        valid: [B, N] bool, queries whose classification is supervised (None: all; unlisted queries
+            are background). False slots get no loss at all (DN-DETR's padding slots).
         log: also log class_error of the last layer.
     """
 
@@ -69,6 +71,7 @@ class LossGroup:
     matcher: Callable[[Mapping[str, Any], Sequence[Mapping[str, Tensor]]], Indices] | None = None
     indices: Indices | None = None
     num_boxes: float | None = None
+    valid: Tensor | None = None
     log: bool = False
 
 

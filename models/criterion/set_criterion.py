@@ -20,11 +20,12 @@ from .base import TERMS, AddOn, Indices, LossGroup, LossSpec, loss_key
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25,
-                       gamma: float = 2.0) -> Tensor:
+                       gamma: float = 2.0, valid: Tensor | None = None) -> Tensor:
     """Focal loss (RetinaNet) averaged over the query axis, summed, divided by num_boxes.
 
     Args:
         inputs: [B, Q, K] logits; targets: [B, Q, K] one-hot (or soft) targets.
+        valid: [B, Q] bool; queries marked False contribute nothing (None: every query counts).
     """
     prob = inputs.sigmoid()
     ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
@@ -32,6 +33,8 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | floa
     loss = ce_loss * ((1 - p_t) ** gamma)
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    if valid is not None:
+        loss = loss * valid.unsqueeze(-1).to(loss.dtype)
     return loss.mean(1).sum() / num_boxes
 
 
@@ -71,7 +74,9 @@ class SetCriterion(nn.Module):
         matcher: default assigner (Hungarian).
         coefs: {"loss_ce", "loss_bbox", "loss_giou"} coefficients of the main queries.
         num_aux_layers: decoder layers before the last that are supervised (0 without aux loss).
-        two_stage: supervise the encoder proposals (suffix ``enc``, class-agnostic targets).
+        two_stage: supervise the encoder proposals (suffix ``enc``).
+        enc_class_agnostic: encoder targets are one class (Deformable-DETR); False keeps the real labels
+            (DINO's interm loss on its top-k proposals).
         enc_coefs: coefficients of the encoder loss (default: ``coefs``).
         focal_alpha, focal_gamma: focal-loss parameters.
         addons: enabled add-ons, in their fixed order.
@@ -79,12 +84,13 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: nn.Module, coefs: Mapping[str, float], num_aux_layers: int,
                  two_stage: bool = False, enc_coefs: Mapping[str, float] | None = None, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, addons: Sequence[AddOn] = ()) -> None:
+                 focal_gamma: float = 2.0, addons: Sequence[AddOn] = (), enc_class_agnostic: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.two_stage = two_stage
+        self.enc_class_agnostic = enc_class_agnostic
         self.addons = list(addons)
         main = LossSpec("", num_aux_layers, dict(coefs))
         # The official weight_dict always declares the _enc keys (also one-stage); keep it identical.
@@ -97,8 +103,8 @@ class SetCriterion(nn.Module):
 
     # ---------------------------------------------------------------------------------- terms
     def loss_labels(self, outputs: Mapping[str, Tensor], targets, indices: Indices, num_boxes: Tensor,
-                    log: bool = False) -> dict[str, Tensor]:
-        """Sigmoid focal loss over all queries and classes; unmatched queries are background."""
+                    log: bool = False, valid: Tensor | None = None) -> dict[str, Tensor]:
+        """Sigmoid focal loss over all (``valid``) queries and classes; unmatched queries are background."""
         logits = outputs["pred_logits"].float()
         idx = _src_permutation_idx(indices)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
@@ -109,7 +115,8 @@ class SetCriterion(nn.Module):
         target_classes[idx[0][last], idx[1][last]] = target_classes_o[last]
         onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
         onehot = onehot[:, :, :-1]
-        loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma) * logits.shape[1]
+        loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma,
+                                     valid) * logits.shape[1]
         losses = {"loss_ce": loss_ce}
         if log:
             matched = logits[idx]
@@ -145,8 +152,10 @@ class SetCriterion(nn.Module):
         main = {k: outputs[k] for k in ("pred_logits", "pred_boxes", "aux_outputs") if k in outputs}
         groups = [LossGroup("", main, targets, log=True)]
         if self.two_stage and "enc_outputs" in outputs:
-            bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            groups.append(LossGroup("enc", outputs["enc_outputs"], bin_targets))
+            enc_targets = targets
+            if self.enc_class_agnostic:  # copies: the targets themselves are never modified
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            groups.append(LossGroup("enc", outputs["enc_outputs"], enc_targets))
         return groups
 
     def _num_boxes(self, groups: Sequence[LossGroup], device: torch.device) -> list[Tensor]:
@@ -164,7 +173,8 @@ class SetCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
         for layer, out in layers:
             indices = group.indices if group.indices is not None else matcher(out, group.targets)
-            terms = self.loss_labels(out, group.targets, indices, num_boxes, log=group.log and layer is None)
+            terms = self.loss_labels(out, group.targets, indices, num_boxes, log=group.log and layer is None,
+                                     valid=group.valid)
             terms.update(self.loss_cardinality(out, group.targets, indices, num_boxes))
             terms.update(self.loss_boxes(out, group.targets, indices, num_boxes))
             for name, value in terms.items():

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from engine import _query_providers
 from models import MODELS, build_model
+from models.criterion import StepContext
 from models.registry import Registry
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
@@ -17,6 +19,19 @@ VARIANTS = {
     "dc5_learned_pos": ["--num_feature_levels", "1", "--dilation", "--position_embedding", "learned",
                         "--backbone", "resnet50"],
 }
+# Models with their own variant sets (default: VARIANTS); add-on variants train with the add-on's groups.
+MODEL_VARIANTS = {
+    "dab_deformable_detr": {"plain": [], "single_scale": ["--num_feature_levels", "1"],
+                            "look_forward_twice": ["--look_forward_twice", "--random_refpoints_xy"],
+                            "dn": ["--use_dn"], "cdn": ["--use_dn", "--contrastive"]},
+    "dn_dab_deformable_detr": {"dn": ["--use_dn", "--transformer_activation", "relu"]},
+    "dino": {"plain": [], "no_aux": ["--no_aux_loss"],
+             "cdn": ["--use_dn", "--contrastive", "--dn_box_noise_scale", "1.0"], "dn": ["--use_dn"]},
+}
+VARIANTS_DEFORMABLE_DN = {"dn_refine_two_stage": ["--with_box_refine", "--two_stage", "--use_dn"],
+                          "cdn_plusplus": VARIANTS["plusplus"] + ["--use_dn", "--contrastive"]}
+CASES = [(name, variant, flags) for name in sorted(MODELS.names())
+         for variant, flags in sorted(MODEL_VARIANTS.get(name, {**VARIANTS, **VARIANTS_DEFORMABLE_DN}).items())]
 
 
 def _randomize(model):
@@ -36,21 +51,21 @@ def test_duplicate_name_raises():
         reg.get("b")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS.names()))
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_builds_contract_and_gradients(name, variant, batch):
-    args = tiny_args("-m", name, *VARIANTS[variant])
+@pytest.mark.parametrize("name,variant,flags", CASES, ids=[f"{n}-{v}" for n, v, _ in CASES])
+def test_builds_contract_and_gradients(name, variant, flags, batch):
+    args = tiny_args("-m", name, *flags)
     model, criterion, post = build_model(args)
     _randomize(model)
     images, targets = batch
     model.train()
-    out = model(nested_tensor_from_tensor_list(images))
+    providers = _query_providers(criterion.addons, StepContext(targets))
+    out = model(nested_tensor_from_tensor_list(images), providers=providers)
     b, q = 2, args.num_queries
     assert out["pred_logits"].shape == (b, q, args.num_classes)
     assert out["pred_boxes"].shape == (b, q, 4)
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
-    assert len(out["aux_outputs"]) == args.dec_layers - 1
-    assert ("enc_outputs" in out) == args.two_stage
+    assert len(out.get("aux_outputs", [])) == (args.dec_layers - 1 if args.aux_loss else 0)
+    assert ("enc_outputs" in out) == model.two_stage  # dino is always two-stage
     losses = criterion(out, targets)
     criterion.total_loss(losses).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]

@@ -1,0 +1,133 @@
+"""Detector over 4-d anchor queries: the shared body of DAB-Deformable-DETR and DINO.
+
+specs/dn_dab_dino.md §1.5 and §4. The backbone, the input projections and the post-processing are
+Deformable-DETR's (models/deformable_detr.py); the transformer is models/anchor_transformer.py.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from util.misc import NestedTensor, nested_tensor_from_tensor_list
+
+from .anchor_transformer import AnchorDeformableTransformer, AnchorTransformerOutput
+from .backbone import Joiner
+from .deformable_detr import MLP, DeformableDETR
+from .deformable_transformer import refine_boxes
+from .query_groups import QueryProvider
+
+
+class AnchorDeformableDETR(nn.Module):
+    """Deformable detector whose queries are (content, anchor box) pairs.
+
+    Args:
+        backbone: Joiner of feature extractor and position encoding.
+        transformer: AnchorDeformableTransformer (one-stage: learned anchors; two-stage: DINO selection).
+        num_classes: K.
+        num_queries: Q.
+        num_feature_levels: L.
+        aux_loss: return the predictions of every decoder layer.
+        share_heads: one class head and one box head for every decoder layer (DINO); else one per layer (DAB).
+        random_refpoints_xy: DAB's "fixxy" initialisation: anchor centres uniform in [0, 1]. As in the
+            original they keep training (spec P2: the original's freeze is a no-op).
+
+    Attributes:
+        supports_anchor_groups: add-on query groups with 4-d anchors (denoising) can run on this model.
+    """
+
+    supports_anchor_groups = True
+
+    def __init__(self, backbone: Joiner, transformer: AnchorDeformableTransformer, num_classes: int,
+                 num_queries: int, num_feature_levels: int, aux_loss: bool = True, share_heads: bool = False,
+                 random_refpoints_xy: bool = False) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss, self.two_stage = aux_loss, transformer.two_stage
+        if not self.two_stage:  # DAB: learned content and anchors (logit space), N(0, 1) like the original
+            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
+            self.refpoint_embed = nn.Embedding(num_queries, 4)
+            if random_refpoints_xy:
+                with torch.no_grad():
+                    self.refpoint_embed.weight[:, :2].uniform_(0, 1)
+                    self.refpoint_embed.weight[:, :2] = torch.logit(self.refpoint_embed.weight[:, :2], eps=1e-5)
+        self.input_proj = DeformableDETR._input_proj(backbone, hidden_dim, num_feature_levels)
+        self.backbone = backbone
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+
+        class_embed = nn.Linear(hidden_dim, num_classes)
+        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+        num_dec = transformer.decoder.num_layers
+        if share_heads:
+            self.class_embed = nn.ModuleList([class_embed] * num_dec)
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_dec)
+        else:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_dec))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_dec))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)  # DAB-Deformable quirk (head 0 only)
+        self.transformer.decoder.bbox_embed = self.bbox_embed
+        if self.two_stage:  # DINO: the decoder aliases the class heads too; separate copies score the proposals
+            self.transformer.decoder.class_embed = self.class_embed
+            self.transformer.enc_out_class_embed = copy.deepcopy(class_embed)
+            self.transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
+
+    _pyramid = DeformableDETR._pyramid  # backbone -> projected multi-scale features, masks, positions
+
+    def forward(self, samples: NestedTensor | Sequence[Tensor], providers: Sequence[QueryProvider] = ()) -> dict:
+        """Detect objects.
+
+        Args:
+            samples: a NestedTensor (images [B, 3, H, W] + padding mask [B, H, W]) or a list of [3, H, W].
+            providers: training-time query-group providers of the add-ons (models/query_groups.py).
+
+        Returns:
+            dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised cxcywh),
+            ``aux_outputs`` (the same pair for decoder layers 0..L-2), ``enc_outputs`` (two-stage: the
+            top-Q proposals' ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4]), and, when query groups
+            ran, ``groups`` {name: same structure} and ``group_meta`` {name: meta}.
+        """
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(samples)
+        srcs, masks, pos = self._pyramid(samples)
+        if self.two_stage:
+            heads = (self.transformer.enc_out_class_embed, self.transformer.enc_out_bbox_embed)
+            out = self.transformer(srcs, masks, pos, enc_heads=heads, providers=providers)
+        else:
+            out = self.transformer(srcs, masks, pos, self.tgt_embed.weight, self.refpoint_embed.weight,
+                                   providers=providers)
+        return self.format_outputs(out)
+
+    def format_outputs(self, out: AnchorTransformerOutput) -> dict[str, Any]:
+        """Per-layer predictions, split into the main queries and each group."""
+        dec = out.decoder
+        sizes = [out.num_queries] + [g.size for g in out.groups]
+        per_layer = []
+        for lvl in range(dec.hs.shape[0]):
+            logits = self.class_embed[lvl](dec.hs[lvl])
+            boxes = refine_boxes(self.bbox_embed[lvl](dec.hs[lvl]), dec.pred_references[lvl])
+            per_layer.append((torch.split(logits, sizes, 1), torch.split(boxes, sizes, 1)))
+        result: dict[str, Any] = {}
+        for gi, name in enumerate([None] + [g.name for g in out.groups]):
+            part: dict[str, Any] = {"pred_logits": per_layer[-1][0][gi], "pred_boxes": per_layer[-1][1][gi]}
+            if self.aux_loss:
+                part["aux_outputs"] = [{"pred_logits": lg[gi], "pred_boxes": bx[gi]} for lg, bx in per_layer[:-1]]
+            if name is None:
+                result.update(part)
+            else:
+                result.setdefault("groups", {})[name] = part
+        if out.enc_outputs is not None:
+            result["enc_outputs"] = out.enc_outputs
+        if out.groups:
+            result["group_meta"] = {g.name: g.meta for g in out.groups}
+        return result

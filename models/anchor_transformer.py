@@ -1,0 +1,236 @@
+"""Deformable transformer with 4-d anchor queries (DAB-Deformable-DETR, DINO).
+
+specs/dn_dab_dino.md §1.5 (DAB-Deformable-DETR) and §4.2-4.6 (DINO). Every decoder query is a pair
+(content, anchor box); each layer derives its positional query from the sine embedding of the
+anchor, samples around the anchor with deformable cross-attention and refines it. The encoder and the
+decoder layers are Deformable-DETR's (models/deformable_transformer.py), reused unchanged. Extra query
+groups of add-ons (denoising) run with the main queries under the one block mask of
+models/query_groups.py and are refined exactly like them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .deformable_detr import MLP
+from .deformable_transformer import (
+    DeformableTransformer,
+    DeformableTransformerDecoderLayer,
+    DeformableTransformerEncoder,
+    DeformableTransformerEncoderLayer,
+    refine_boxes,
+)
+from .ops import MSDeformAttn
+from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask
+
+
+def sine_embed_boxes(boxes: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
+    """[..., 4] (cx, cy, w, h) in [0, 1] -> [..., 2 * d_model] sine embedding ordered (y, x, w, h) (spec §0.3)."""
+    num_feats = d_model // 2
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+
+    def embed(u: Tensor) -> Tensor:
+        pos = u[..., None] * (2 * math.pi) / dim_t
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), -1).flatten(-2)
+
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.cat([embed(cy), embed(cx), embed(w), embed(h)], -1)
+
+
+@dataclass
+class AnchorDecoderOutput:
+    """hs: [L, B, T, C] layer outputs (through the decoder norm if any); pred_references: [L, B, T, 4] the
+    sigmoid-space anchors each layer's box prediction is relative to (undetached with look-forward-twice)."""
+
+    hs: Tensor
+    pred_references: Tensor
+
+
+class AnchorDeformableDecoder(nn.Module):
+    """Decoder over 4-d anchors; ``bbox_embed`` (one head per layer, possibly shared) is set by the detector.
+
+    Args:
+        decoder_layer: a DeformableTransformerDecoderLayer (self-attn, deformable cross-attn, FFN).
+        num_layers: L.
+        d_model: C.
+        conditional_scale: DAB: query_pos of layers >= 1 is scaled elementwise by MLP(content).
+        final_norm: DINO: a shared LayerNorm on every layer's output before the heads (the anchor chain
+            still uses the un-normalised output, spec P11).
+        look_forward_twice: DINO: a layer's box prediction keeps the gradient of the previous layer's
+            refinement; DAB refines detached ("look forward once").
+    """
+
+    def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int,
+                 conditional_scale: bool = False, final_norm: bool = False, look_forward_twice: bool = False,
+                 use_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
+        self.num_layers, self.d_model = num_layers, d_model
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if conditional_scale else None
+        self.norm = nn.LayerNorm(d_model) if final_norm else None
+        self.look_forward_twice = look_forward_twice
+        self.use_checkpoint = use_checkpoint
+        self.bbox_embed: nn.ModuleList | None = None
+
+    def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, valid_ratios: Tensor, padding_mask: Tensor | None = None,
+                self_attn_mask: Tensor | None = None) -> AnchorDecoderOutput:
+        """tgt: [B, T, C] content; reference: [B, T, 4] sigmoid-space anchors (detached); memory: [B, S, C]."""
+        if self.bbox_embed is None:
+            raise RuntimeError("the detector must attach bbox_embed to the anchor decoder")
+        output = tgt
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
+        hs, pred_refs = [], []
+        pred_reference = reference
+        for lid, layer in enumerate(self.layers):
+            ref_input = reference[:, :, None] * ratios  # [B, T, L, 4]
+            query_pos = self.ref_point_head(sine_embed_boxes(ref_input[:, :, 0], self.d_model))
+            if self.query_scale is not None and lid > 0:
+                query_pos = query_pos * self.query_scale(output)
+            args = (output, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask,
+                    self_attn_mask)
+            if self.use_checkpoint and self.training:
+                output = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                output = layer(*args)
+            hs.append(output if self.norm is None else self.norm(output))
+            pred_refs.append(pred_reference if self.look_forward_twice else reference)
+            new_reference = refine_boxes(self.bbox_embed[lid](output), reference)
+            pred_reference = new_reference  # undetached: used by the next layer's prediction with LFT
+            reference = new_reference.detach()
+        return AnchorDecoderOutput(torch.stack(hs), torch.stack(pred_refs))
+
+
+@dataclass
+class AnchorTransformerOutput:
+    """decoder: per-layer results for main queries and groups (T = Q + groups); groups: in order;
+    enc_outputs: two-stage top-k proposals {pred_logits [B, Q, K], pred_boxes [B, Q, 4]} or None."""
+
+    decoder: AnchorDecoderOutput
+    groups: list[QueryGroup]
+    num_queries: int
+    enc_outputs: dict[str, Tensor] | None = None
+
+
+class AnchorDeformableTransformer(nn.Module):
+    """Deformable encoder + anchor decoder, one-stage (learned anchors) or DINO two-stage.
+
+    Args:
+        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, activation,
+            num_feature_levels, dec_n_points, enc_n_points: as in DeformableTransformer.
+        num_queries: Q.
+        two_stage: DINO's mixed query selection: anchors = top-Q encoder proposals by their best class
+            logit (detached), content = the learned ``tgt_embed`` (Xavier-initialised, as in DINO).
+        conditional_scale, final_norm, look_forward_twice: see AnchorDeformableDecoder.
+    """
+
+    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.0, activation: str = "relu",
+                 num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4, num_queries: int = 300,
+                 two_stage: bool = False, conditional_scale: bool = False, final_norm: bool = False,
+                 look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto") -> None:
+        super().__init__()
+        self.d_model, self.nhead, self.two_stage = d_model, nhead, two_stage
+        enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
+                                                      num_feature_levels, nhead, enc_n_points, msda_impl)
+        self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers, use_checkpoint)
+        dec_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
+                                                      num_feature_levels, nhead, dec_n_points, msda_impl)
+        self.decoder = AnchorDeformableDecoder(dec_layer, num_decoder_layers, d_model, conditional_scale,
+                                               final_norm, look_forward_twice, use_checkpoint)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.tgt_embed = nn.Embedding(num_queries, d_model)
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    # The proposal generator and valid ratios are Deformable-DETR's (same attribute names).
+    gen_encoder_output_proposals = DeformableTransformer.gen_encoder_output_proposals
+    get_valid_ratio = staticmethod(DeformableTransformer.get_valid_ratio)
+
+    def _flatten(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
+        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(tuple(src.shape[-2:]))
+            src_flatten.append(src.flatten(2).transpose(1, 2))
+            mask_flatten.append(mask.flatten(1))
+            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
+        return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), shapes,
+                spatial_shapes, level_start_index, valid_ratios)
+
+    def _select_queries(self, memory: Tensor, mask_flatten: Tensor, shapes: Sequence[tuple[int, int]],
+                        enc_heads: tuple[nn.Module, nn.Module]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """DINO mixed query selection: (content [B, Q, C], anchors [B, Q, 4] sigmoid, encoder outputs)."""
+        output_memory, output_proposals, valid = self.gen_encoder_output_proposals(memory, mask_flatten, shapes)
+        enc_logits = enc_heads[0](output_memory)
+        enc_coord_unact = enc_heads[1](output_memory) + output_proposals
+        # Invalid (padded or border) tokens never become queries (the official code may pick them, P14).
+        scores = enc_logits.max(-1)[0].masked_fill(~valid, float("-inf"))
+        topk = min(self.tgt_embed.num_embeddings, scores.shape[1])
+        topk_idx = torch.topk(scores, topk, dim=1)[1]
+        coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4))
+        logits = torch.gather(enc_logits, 1, topk_idx.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
+        tgt = self.tgt_embed.weight[:topk].unsqueeze(0).expand(memory.shape[0], -1, -1)
+        return tgt, coords.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
+
+    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor], tgt: Tensor | None = None,
+                refpoints_unact: Tensor | None = None, enc_heads: tuple[nn.Module, nn.Module] | None = None,
+                providers: Sequence[QueryProvider] = ()) -> AnchorTransformerOutput:
+        """Encode the pyramid and decode the anchor queries (and the providers' groups).
+
+        Args:
+            srcs, masks, pos_embeds: per level [B, C, H, W], [B, H, W] bool, [B, C, H, W].
+            tgt, refpoints_unact: one-stage: learned content [Q, C] and anchors [Q, 4] (logit space).
+            enc_heads: two-stage: (class head, box head) of the encoder proposals.
+            providers: callables returning extra QueryGroups (anchors only: their query_pos must be None).
+        """
+        src, mask_flatten, pos, shapes, spatial_shapes, level_start_index, valid_ratios = self._flatten(
+            srcs, masks, pos_embeds)
+        memory = self.encoder(src, shapes, spatial_shapes, level_start_index, valid_ratios, pos, mask_flatten)
+        bs = memory.shape[0]
+        enc_outputs = None
+        if self.two_stage:
+            if enc_heads is None:
+                raise ValueError("two-stage needs the encoder proposal heads")
+            tgt, reference, enc_outputs = self._select_queries(memory, mask_flatten, shapes, enc_heads)
+        else:
+            reference = refpoints_unact.sigmoid().unsqueeze(0).expand(bs, -1, -1)
+            tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
+        num_queries = tgt.shape[1]
+
+        groups: list[QueryGroup] = []
+        if providers:
+            enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries)
+            groups = [g for g in (p(enc) for p in providers) if g is not None]
+        attn_mask = build_group_attn_mask(num_queries, groups, memory.device)
+        for g in groups:
+            if g.query_pos is not None or g.reference.shape[-1] != 4:
+                raise ValueError(f"query group {g.name!r}: anchor hosts take 4-d references and derive the "
+                                 f"positional queries themselves (query_pos must be None)")
+        if groups:
+            tgt = torch.cat([tgt] + [g.tgt for g in groups], 1)
+            reference = torch.cat([reference] + [g.reference for g in groups], 1)
+        dec = self.decoder(tgt, reference, memory, spatial_shapes, level_start_index, valid_ratios, mask_flatten,
+                           attn_mask)
+        return AnchorTransformerOutput(dec, groups, num_queries, enc_outputs)

@@ -1,0 +1,93 @@
+"""Side-by-side training-step time of a model with and without add-on flags (same weights, same batch).
+
+    python tools/addon_step_time.py --flags="--with_box_refine --two_stage" --addon_flags="--use_dn" --steps 20
+
+Both models are built from the synthetic benchmark's model size (tools/synthetic_benchmark.py COMMON),
+steps alternate A, B, A, B ... so that load from other processes hits both alike, and the median
+forward + loss + backward + optimizer-step time of each is reported with the ratio B / A.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import _query_providers  # noqa: E402
+from models import build_model  # noqa: E402
+from models.criterion import StepContext  # noqa: E402
+from util.args import finalize_args, get_args_parser  # noqa: E402
+from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+
+MODEL = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 8 --enc_layers 2 --dec_layers 3 "
+         "--dim_feedforward 256 --num_queries 30 --num_classes 6 --device cpu")
+
+
+def batch(size: int, image: int, max_objects: int, seed: int = 0) -> tuple[list, list]:
+    """Random images with 1..max_objects boxes each (the synthetic set holds 1-6 objects per image)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, image, image, generator=g) for _ in range(size)]
+    targets = []
+    for _ in range(size):
+        n = int(torch.randint(1, max_objects + 1, (1,), generator=g))
+        centre = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
+        targets.append({"labels": torch.randint(0, 6, (n,), generator=g), "boxes": torch.cat([centre, wh], 1)})
+    return images, targets
+
+
+def make(flags: str):
+    torch.manual_seed(0)
+    args = finalize_args(get_args_parser().parse_args((MODEL + " " + flags).split()))
+    model, criterion, _ = build_model(args)
+    model.train()
+    return model, criterion, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def step(model, criterion, optimizer, samples, targets) -> float:
+    start = time.perf_counter()
+    providers = _query_providers(criterion.addons, StepContext(targets))
+    out = model(samples, providers=providers) if providers else model(samples)
+    loss = criterion.total_loss(criterion(out, targets))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flags", default="--with_box_refine --two_stage", help="flags of the baseline (A)")
+    p.add_argument("--addon_flags", default="--use_dn", help="flags added for B")
+    p.add_argument("--steps", default=20, type=int)
+    p.add_argument("--warmup", default=2, type=int)
+    p.add_argument("--batch_size", default=8, type=int)
+    p.add_argument("--image_size", default=128, type=int)
+    p.add_argument("--max_objects", default=6, type=int)
+    p.add_argument("--threads", default=0, type=int, help="torch threads (0: leave as is)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images, targets = batch(args.batch_size, args.image_size, args.max_objects)
+    samples = nested_tensor_from_tensor_list(images)
+    runs = {"A": make(args.flags), "B": make(args.flags + " " + args.addon_flags)}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for i in range(args.warmup + args.steps):
+        for name, (model, criterion, optimizer) in runs.items():
+            t = step(model, criterion, optimizer, samples, targets)
+            if i >= args.warmup:
+                times[name].append(t)
+    a, b = statistics.median(times["A"]), statistics.median(times["B"])
+    print(f"A: {args.flags!r}  median {a:.4f} s/step")
+    print(f"B: A + {args.addon_flags!r}  median {b:.4f} s/step")
+    print(f"ratio B/A: {b / a:.3f}  ({args.steps} alternating steps, batch {args.batch_size}, {args.image_size} px)")
+
+
+if __name__ == "__main__":
+    main()
