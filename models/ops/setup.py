@@ -31,7 +31,7 @@ CPU_SOURCES = ["src/ms_deform_attn.cpp", "src/cpu/ms_deform_attn_cpu.cpp"]
 CUDA_SOURCES = ["src/cuda/ms_deform_attn_cuda.cu"]
 HEADERS = ["src/ms_deform_attn.h", "src/cpu/cpu_isa.h"]  # a change rebuilds
 # -fno-trapping-math lets GCC vectorise floor(); the kernels never rely on floating-point traps.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] if os.name != "nt" else ["/O2", "/openmp"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"] if os.name != "nt" else ["/O2", "/openmp"]
 
 
 def nvcc_path() -> str | None:
