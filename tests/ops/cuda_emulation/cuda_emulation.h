@@ -89,6 +89,31 @@ T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
 
+#ifdef MSDA_EMULATE_SM90
+// The sm_90 vector atomics (the kernels take that branch when __CUDA_ARCH__ >= 900), with the
+// alignment a GPU requires checked.
+struct float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline float2 atomicAdd(float2* address, float2 value) {
+  if (reinterpret_cast<uintptr_t>(address) % 8 != 0) std::abort();
+  float* f = reinterpret_cast<float*>(address);
+  return {atomicAdd(f, value.x), atomicAdd(f + 1, value.y)};
+}
+
+inline float4 atomicAdd(float4* address, float4 value) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) std::abort();
+  float* f = reinterpret_cast<float*>(address);
+  return {atomicAdd(f, value.x), atomicAdd(f + 1, value.y), atomicAdd(f + 2, value.z), atomicAdd(f + 3, value.w)};
+}
+#endif
+
 template <typename Kernel, typename... Args>
 void cuda_emulation::launch(dim3 grid, dim3 block_dim, size_t shared_bytes, Kernel kernel, Args... args) {
   if (block_dim.x % 32 != 0) std::abort();

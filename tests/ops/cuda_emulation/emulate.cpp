@@ -1,12 +1,21 @@
 // The CUDA kernels of models/ops/src/cuda compiled for the CPU (cuda_emulation.h), with the same
 // launch sizing as the CUDA launchers (channels_per_lane, make_params, grid_for), for
-// run_emulation.py to compare against the pure-PyTorch reference.
+// run_emulation.py to compare against the pure-PyTorch reference. Built twice: as for sm_80 (scalar
+// atomics) and, with MSDA_EMULATE_SM90, as for sm_90 (vector atomics).
 #include "cuda_emulation.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/extension.h>
 
+#ifdef MSDA_EMULATE_SM90  // only around the kernels: torch's headers above must not see it
+#define __CUDA_ARCH__ 900
+#define CUDART_VERSION 13000
+#endif
 #include "../../../models/ops/src/cuda/ms_deform_attn_kernels.cuh"
+#ifdef MSDA_EMULATE_SM90
+#undef __CUDA_ARCH__
+#undef CUDART_VERSION
+#endif
 
 namespace {
 

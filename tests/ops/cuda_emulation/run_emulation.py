@@ -1,7 +1,7 @@
 """Check the CUDA kernels without a GPU: compile them for the CPU (cuda_emulation.h) and compare
 their forward and gradients with the pure-PyTorch reference on the cases of tests/ops/test_msda.py.
 
-    python tests/ops/cuda_emulation/run_emulation.py    # ~2 min: builds, then one host thread per GPU thread
+    python tests/ops/cuda_emulation/run_emulation.py    # a few minutes: two builds, one host thread per GPU thread
 
 Not part of the test suite (the build alone takes a minute); run it after changing the kernels.
 Exits non-zero when a check fails.
@@ -35,8 +35,16 @@ def emulated(ext, value, shapes, starts, loc, attn, grad_dtype):
 
 
 def main() -> int:
-    ext = load("msda_cuda_emulation", [os.path.join(HERE, "emulate.cpp")], extra_cflags=["-O1", "-std=c++20"],
-               verbose=False)
+    ok = True
+    for arch, flags in (("sm_80", []), ("sm_90", ["-DMSDA_EMULATE_SM90"])):
+        ext = load(f"msda_cuda_emulation_{arch}", [os.path.join(HERE, "emulate.cpp")],
+                   extra_cflags=["-O1", "-std=c++20", *flags], verbose=False)
+        ok &= check(ext, arch)
+    print("all emulated CUDA checks passed" if ok else "SOME EMULATED CUDA CHECKS FAILED")
+    return 0 if ok else 1
+
+
+def check(ext, arch: str) -> bool:
     ok = True
     cases = {**CASES, **EXTRA_CASES}
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
@@ -51,10 +59,9 @@ def main() -> int:
             errors = [relative_error(a, e) for a, e in zip((out, *grads), (ref_out, *ref_grads))]
             passed = all(e <= t for e, t in zip(errors, (tol, tol, grad_tol, grad_tol)))
             ok &= passed
-            print(f"* {passed} {str(dtype).replace('torch.', ''):<9} {name:<21} output {errors[0]:.1e}  "
+            print(f"* {passed} {arch} {str(dtype).replace('torch.', ''):<9} {name:<21} output {errors[0]:.1e}  "
                   f"grad value {errors[1]:.1e}  grad loc {errors[2]:.1e}  grad attn {errors[3]:.1e}")
-    print("all emulated CUDA checks passed" if ok else "SOME EMULATED CUDA CHECKS FAILED")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":
