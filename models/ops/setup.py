@@ -29,9 +29,9 @@ NAME = "detr_msda"
 DEFAULT_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 CPU_SOURCES = ["src/ms_deform_attn.cpp", "src/cpu/ms_deform_attn_cpu.cpp"]
 CUDA_SOURCES = ["src/cuda/ms_deform_attn_cuda.cu"]
-HEADERS = ["src/ms_deform_attn.h", "src/cpu/cpu_isa.h"]  # a change rebuilds
+HEADERS = ["src/ms_deform_attn.h", "src/cpu/cpu_isa.h", "src/cuda/ms_deform_attn_kernels.cuh"]  # a change rebuilds
 # -fno-trapping-math lets GCC vectorise floor(); the kernels never rely on floating-point traps.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"] if os.name != "nt" else ["/O2", "/openmp"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"] if os.name != "nt" else ["/O2", "/openmp"]
 
 
 def nvcc_path() -> str | None:

@@ -178,33 +178,21 @@ def test_module_auto_picks_the_kernel_and_matches_with_padding_mask():
         torch.testing.assert_close(g_kernel, g_ref, rtol=1e-4, atol=1e-5)
 
 
-class _TinyAttention(torch.nn.Module):
-    """A projection feeding the op, so the compiled graph has ops on both sides of it."""
-
-    def __init__(self, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.proj = torch.nn.Linear(heads * head_dim, heads * head_dim)
-
-    def forward(self, value, shapes, starts, loc, attn):
-        b, s, _ = value.shape
-        v = self.proj(value).view(b, s, self.heads, self.head_dim)
-        return ms_deform_attn(v, shapes, starts, loc, attn.softmax(-1), impl="cpu").relu()
-
-
 @needs_cpu_kernel
 def test_torch_compile_fullgraph_matches_eager():
-    value, shapes, starts, loc, attn = make_inputs(1, 6, 2, 16, [(4, 4), (2, 2)], 2, dtype=torch.float32)
-    value = value.flatten(2)
-    module = _TinyAttention(2, 16)
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=2, n_points=2, impl="auto")
+    shapes, starts = torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16])
+    query, memory, ref_points = torch.randn(1, 6, 32), torch.randn(1, 20, 32), torch.rand(1, 6, 2, 2)
     compiled = torch.compile(module, fullgraph=True)  # fullgraph: a graph break raises
     results = []
     for fn in (module, compiled):
         module.zero_grad()
-        lc = loc.clone().requires_grad_()
-        out = fn(value, shapes, starts, lc, attn)
-        out.sum().backward()
-        results.append((out.detach(), lc.grad, module.proj.weight.grad.clone()))
+        q = query.clone().requires_grad_()
+        out = fn(q, ref_points, memory, shapes, starts)
+        out.square().sum().backward()
+        results.append((out.detach(), q.grad, module.sampling_offsets.weight.grad.clone(),
+                        module.value_proj.weight.grad.clone()))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
 

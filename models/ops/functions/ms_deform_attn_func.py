@@ -3,6 +3,12 @@
 Semantics (specs/deformable_family.md §1.5): for every query, head, level and point, bilinearly
 sample the head's value map at the normalised location (align_corners=False, zero padding) and
 sum the samples weighted by the attention weights.
+
+Implementations (IMPLS, ``--msda_impl``): "pytorch", the grid_sample reference below; "cpu" and
+"cuda", the kernels of the compiled extension ``detr_msda`` (models/ops/src, built by ``make ops``),
+registered with torch.library as ``torch.ops.detr_msda.ms_deform_attn`` (C++ autograd, fake
+functions here) so torch.compile traces them without a graph break; "auto" picks the compiled
+kernel of the tensors' device when it is built, else the reference.
 """
 from __future__ import annotations
 
@@ -83,13 +89,9 @@ def _extension() -> ModuleType | None:
     for candidate in candidates:
         try:
             ext = importlib.import_module(candidate)
-        except ModuleNotFoundError as err:
-            if err.name != candidate:  # the module exists but something it needs does not
-                logger.warning("MSDeformAttn: the compiled kernels failed to import (%s); rebuild them with "
-                               "`make ops`", err)
-                return None
-            continue
-        except (ImportError, OSError) as err:  # e.g. built against another torch: undefined symbol
+        except ImportError as err:  # absent: try the next place; present but broken (another torch?): say so
+            if isinstance(err, ModuleNotFoundError) and err.name == candidate:
+                continue
             logger.warning("MSDeformAttn: the compiled kernels failed to import (%s); rebuild them with `make ops`",
                            err)
             return None

@@ -1,6 +1,6 @@
 // Multi-scale deformable attention on CPU: forward and backward kernels.
 //
-// Forward: at::parallel_for over (batch, query, head) rows. Backward: one task per (batch, head)
+// Forward: chunks of (batch, query, head) rows on torch's threads. Backward: one task per (batch, head)
 // owns that head's slice of grad_value, so no atomics are needed; when there are fewer
 // (batch, head) pairs than threads the queries are split as well, the extra splits accumulating
 // into private copies of grad_value that are summed at the end.
@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -238,6 +239,13 @@ struct GradOutputs {
   acc_type_t<scalar_t>* grad_attn;  // [B, Lq, M, L, P]
 };
 
+// Prefetches the cache lines of [ptr, ptr + bytes) (a hint: addresses past the end are harmless).
+MSDA_ALWAYS_INLINE void prefetch_rows(const void* ptr, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(ptr) + offset);
+#endif
+}
+
 // Gradients of the locations and weights of one (query, head) from <grad_out, corner value>.
 template <typename acc_t>
 MSDA_ALWAYS_INLINE void point_gradients(int64_t n, const acc_t* __restrict attn, const int32_t* __restrict x0s,
@@ -277,8 +285,12 @@ MSDA_ALWAYS_INLINE void backward_queries(const Inputs<scalar_t>& in, const GradO
   for (int64_t q = q_begin; q < q_end; ++q) {
     const int64_t bqm = (b * p.len_q + q) * p.heads + m;
     const acc_t* attn = in.attn + bqm * n_lp;
-    locate_points(in, in.loc + bqm * n_lp * 2, attn, pts);
     const scalar_t* grad_out = go.grad_out + bqm * D;
+    // One head of consecutive queries is M rows apart: fetch the next query's rows ahead.
+    prefetch_rows(in.loc + (bqm + 2 * p.heads) * n_lp * 2, n_lp * 2 * sizeof(acc_t));
+    prefetch_rows(in.attn + (bqm + 2 * p.heads) * n_lp, n_lp * sizeof(acc_t));
+    prefetch_rows(go.grad_out + (bqm + 2 * p.heads) * D, D * sizeof(scalar_t));
+    locate_points(in, in.loc + bqm * n_lp * 2, attn, pts);
     if constexpr (L::kPacked) {
 #pragma GCC unroll 16
       for (int j = 0; j < L::kPacks; ++j) g[j] = P::load(grad_out + j * P::kLanes);
@@ -371,11 +383,23 @@ void dispatch_head_dim(int64_t channels, const Fn& fn) {
   }
 }
 
-// Items per parallel chunk, so that a thread gets at least kMinSamples sampling points: starting
+// Items per chunk of work, so that a chunk holds at least kMinSamples sampling points: starting
 // threads costs more than a small problem (gradcheck-sized calls stay on one thread).
 int64_t grain_size(int64_t samples_per_item) {
   constexpr int64_t kMinSamples = 4096;
   return std::max<int64_t>(1, kMinSamples / std::max<int64_t>(1, samples_per_item));
+}
+
+// fn(begin, end) over [0, n) in chunks of `chunk` items, on torch's intra-op threads with a dynamic
+// schedule: threads take the next chunk from a shared counter, so a thread that is slowed down
+// (uneven work, or a busy machine) does fewer chunks instead of holding the others at the barrier.
+template <typename Fn>
+void parallel_chunks(int64_t n, int64_t chunk, const Fn& fn) {
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n_chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < n_chunks; c = next++) fn(c * chunk, std::min(n, (c + 1) * chunk));
+  });
 }
 
 // The levels must lie inside the value tensor (cheap here: the shapes are host memory).
@@ -446,7 +470,7 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& shapes_in, 
     scalar_t* out = output.data_ptr<scalar_t>();
     dispatch_head_dim(p.channels, [&](auto head_dim) {
       constexpr int kD = decltype(head_dim)::value;
-      at::parallel_for(0, rows, grain_size(p.levels * p.points), [&](int64_t begin, int64_t end) {
+      parallel_chunks(rows, grain_size(p.levels * p.points), [&](int64_t begin, int64_t end) {
         forward_rows_best<kD>(in, out, begin, end);
       });
     });
@@ -494,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       const int64_t grain = grain_size(per_split * p.levels * p.points);
       dispatch_head_dim(p.channels, [&](auto head_dim) {
         constexpr int kD = decltype(head_dim)::value;
-        at::parallel_for(0, slices * splits, grain, [&](int64_t begin, int64_t end) {
+        parallel_chunks(slices * splits, grain, [&](int64_t begin, int64_t end) {
           for (int64_t task = begin; task < end; ++task) {
             const int64_t split = task % splits, b = task / splits / p.heads, m = task / splits % p.heads;
             acc_t* buffer = split == 0 ? main_buffer : extra_buffers + (split - 1) * buffer_numel;
