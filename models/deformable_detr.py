@@ -105,16 +105,21 @@ class DeformableDETR(nn.Module):
 
     @staticmethod
     def _input_proj(backbone: Joiner, hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
-        """1x1 conv + GN per backbone level; 3x3 stride-2 conv + GN per extra level."""
+        """1x1 conv + GN per backbone level; 3x3 stride-2 conv + GN per extra level.
+
+        GroupNorm has the official 32 groups; a tiny model (hidden_dim 32) gets 16, because one channel
+        per group on a 1x1 map of one image has a single value per group, which GroupNorm rejects.
+        """
+        groups = 32 if hidden_dim >= 64 else hidden_dim // 2
         if num_feature_levels == 1:
             return nn.ModuleList([nn.Sequential(nn.Conv2d(backbone.num_channels[-1], hidden_dim, 1),
-                                                nn.GroupNorm(32, hidden_dim))])
-        projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim))
+                                                nn.GroupNorm(groups, hidden_dim))])
+        projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(groups, hidden_dim))
                  for c in backbone.num_channels]
         in_channels = backbone.num_channels[-1]
         for _ in range(num_feature_levels - len(backbone.num_channels)):
             projs.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1),
-                                       nn.GroupNorm(32, hidden_dim)))
+                                       nn.GroupNorm(groups, hidden_dim)))
             in_channels = hidden_dim
         return nn.ModuleList(projs)
 
