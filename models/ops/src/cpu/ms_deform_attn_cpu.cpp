@@ -63,10 +63,16 @@ struct Packs {
     }
   }
 
+  // Pairwise (log-depth) sum of the lanes; a plain loop would be one long dependent chain.
   static MSDA_ALWAYS_INLINE acc_t sum(const pack& v) {
-    acc_t total = acc_t(0);
-    for (int i = 0; i < kLanes; ++i) total += v[i];
-    return total;
+    acc_t lanes[kLanes];
+    std::memcpy(lanes, &v, sizeof(v));
+#pragma GCC unroll 8
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+#pragma GCC unroll 8
+      for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    }
+    return lanes[0];
   }
 };
 
@@ -246,22 +252,29 @@ MSDA_ALWAYS_INLINE void prefetch_rows(const void* ptr, int64_t bytes) {
 #endif
 }
 
-// Gradients of the locations and weights of one (query, head) from <grad_out, corner value>.
+// Gradients of the locations and weights of one (query, head): sums[3k..3k+2] hold, for point k,
+// <grad_out, d sample / d weight>, <grad_out, d sample / d pixel x> and the same for y.
 template <typename acc_t>
 MSDA_ALWAYS_INLINE void point_gradients(int64_t n, const acc_t* __restrict attn, const int32_t* __restrict x0s,
-                                        const acc_t* __restrict lxs, const acc_t* __restrict lys,
                                         const acc_t* __restrict widths, const acc_t* __restrict heights,
-                                        const acc_t* __restrict dots, acc_t* __restrict grad_loc,
+                                        const acc_t* __restrict sums, acc_t* __restrict grad_loc,
                                         acc_t* __restrict grad_attn) {
   for (int64_t k = 0; k < n; ++k) {
-    const acc_t d0 = dots[4 * k], d1 = dots[4 * k + 1], d2 = dots[4 * k + 2], d3 = dots[4 * k + 3];
     const acc_t a = x0s[k] == kOutside ? acc_t(0) : attn[k];
-    const acc_t lx = lxs[k], ly = lys[k], hx = acc_t(1) - lx, hy = acc_t(1) - ly;
-    grad_attn[k] = hy * (hx * d0 + lx * d1) + ly * (hx * d2 + lx * d3);
+    grad_attn[k] = sums[3 * k];
     // d(pixel x)/d(loc x) = W and d(pixel y)/d(loc y) = H.
-    grad_loc[2 * k] = a * widths[k] * (hy * (d1 - d0) + ly * (d3 - d2));
-    grad_loc[2 * k + 1] = a * heights[k] * (hx * (d2 - d0) + lx * (d3 - d1));
+    grad_loc[2 * k] = a * widths[k] * sums[3 * k + 1];
+    grad_loc[2 * k + 1] = a * heights[k] * sums[3 * k + 2];
   }
+}
+
+// The three sums of point_gradients from the four <grad_out, corner value> (scalars or packs).
+template <typename T, typename acc_t>
+MSDA_ALWAYS_INLINE void corner_combinations(const T* dot, acc_t lx, acc_t ly, T& grad_weight, T& grad_x, T& grad_y) {
+  const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+  grad_weight = hy * (hx * dot[0] + lx * dot[1]) + ly * (hx * dot[2] + lx * dot[3]);
+  grad_x = hy * (dot[1] - dot[0]) + ly * (dot[3] - dot[2]);
+  grad_y = hx * (dot[2] - dot[0]) + lx * (dot[3] - dot[1]);
 }
 
 // Queries [q_begin, q_end) of head m in image b. grad_value is laid out like value and only its
@@ -278,7 +291,7 @@ MSDA_ALWAYS_INLINE void backward_queries(const Inputs<scalar_t>& in, const GradO
   const int64_t D = kD > 0 ? kD : p.channels;
   const int64_t n_lp = p.levels * p.points;
   Points<acc_t> pts(n_lp);
-  std::vector<acc_t> dots(static_cast<size_t>(n_lp) * 4);
+  std::vector<acc_t> sums(static_cast<size_t>(n_lp) * 3);
   pack g[L::kPacks];
   std::vector<acc_t> g_buffer(L::kPacked ? 0 : D);
   const int64_t bm_offset = (b * p.len_in * p.heads + m) * D;
@@ -297,13 +310,16 @@ MSDA_ALWAYS_INLINE void backward_queries(const Inputs<scalar_t>& in, const GradO
     } else {
       for (int64_t c = 0; c < D; ++c) g_buffer[c] = static_cast<acc_t>(grad_out[c]);
     }
-    std::fill(dots.begin(), dots.end(), acc_t(0));
+    std::fill(sums.begin(), sums.end(), acc_t(0));
     for (int64_t k = 0; k < n_lp; ++k) {
       const int32_t x0 = pts.x0()[k], y0 = pts.y0()[k];
       if (x0 == kOutside) continue;
       const bool all_inside = interior(x0, y0, in.width[k], in.height[k]);
       const int64_t offset00 = bm_offset + in.level_offset[k] + y0 * in.row_stride[k] + x0 * in.token_stride;
       const int64_t corner_offset[4] = {0, in.token_stride, in.row_stride[k], in.row_stride[k] + in.token_stride};
+      // <grad_out, corner value>: per lane in packs (reduced once per point, after combining
+      // the corners), or scalars.
+      std::conditional_t<L::kPacked, pack, acc_t> dot[4] = {};
 #pragma GCC unroll 4
       for (int corner = 0; corner < 4; ++corner) {
         if (!all_inside && !corner_inside(corner, x0, y0, in.width[k], in.height[k])) continue;
@@ -311,25 +327,32 @@ MSDA_ALWAYS_INLINE void backward_queries(const Inputs<scalar_t>& in, const GradO
         acc_t* gv = grad_value + offset00 + corner_offset[corner];
         const acc_t weight = pts.weight(corner)[k];
         if constexpr (L::kPacked) {
-          pack d{};
 #pragma GCC unroll 16
           for (int j = 0; j < L::kPacks; ++j) {
-            d += g[j] * P::load(v + j * P::kLanes);
+            dot[corner] += g[j] * P::load(v + j * P::kLanes);
             P::store(gv + j * P::kLanes, P::load(gv + j * P::kLanes) + weight * g[j]);
           }
-          dots[4 * k + corner] = P::sum(d);
         } else {
-          acc_t d = acc_t(0);
           for (int64_t c = 0; c < D; ++c) {
-            d += g_buffer[c] * static_cast<acc_t>(v[c]);
+            dot[corner] += g_buffer[c] * static_cast<acc_t>(v[c]);
             gv[c] += weight * g_buffer[c];
           }
-          dots[4 * k + corner] = d;
         }
       }
+      std::conditional_t<L::kPacked, pack, acc_t> grad_weight, grad_x, grad_y;
+      corner_combinations(dot, pts.lx()[k], pts.ly()[k], grad_weight, grad_x, grad_y);
+      if constexpr (L::kPacked) {
+        sums[3 * k] = P::sum(grad_weight);
+        sums[3 * k + 1] = P::sum(grad_x);
+        sums[3 * k + 2] = P::sum(grad_y);
+      } else {
+        sums[3 * k] = grad_weight;
+        sums[3 * k + 1] = grad_x;
+        sums[3 * k + 2] = grad_y;
+      }
     }
-    point_gradients(n_lp, attn, pts.x0(), pts.lx(), pts.ly(), in.width_f, in.height_f, dots.data(),
-                    go.grad_loc + bqm * n_lp * 2, go.grad_attn + bqm * n_lp);
+    point_gradients(n_lp, attn, pts.x0(), in.width_f, in.height_f, sums.data(), go.grad_loc + bqm * n_lp * 2,
+                    go.grad_attn + bqm * n_lp);
   }
 }
 

@@ -77,6 +77,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                   grad_output_in.scalar_type() == value_in.scalar_type() &&
                   grad_output_in.device() == value_in.device(),
               "ms_deform_attn backward: grad_output must be [B, Lq, M * D], of the value dtype and device");
+  // grad_value is summed with atomics: the order of the additions, hence the last bits, vary.
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(value_in.device());
   const at::Tensor value = value_in.contiguous(), shapes = shapes_in.contiguous(), starts = starts_in.contiguous();
   const at::Tensor loc = loc_in.contiguous(), attn = attn_in.contiguous();
