@@ -152,11 +152,14 @@ def memory_peak_mb(fn, device: str) -> float | None:
 
 
 def release_freed_cpu_memory_at_once() -> None:
-    """Fix glibc's mmap threshold, so that freed buffers leave the RSS at once (peak RSS is then exact)."""
+    """Fix glibc's mmap threshold and return the free heap, so that every large buffer is fresh
+    pages, freed at once: peak RSS is then exact. Allocation gets slower, so only after the timings."""
     if platform.system() == "Linux":
         try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+            libc.malloc_trim(0)
+        except (OSError, AttributeError):
             pass
 
 
@@ -182,11 +185,10 @@ def compulsory_bytes(inputs, backward: bool) -> int:
     return fwd + out + value.numel() * value.element_size() + loc.numel() * 4 + attn.numel() * 4
 
 
-def bench_case(case: str, dtype: torch.dtype, locations: str, impls: list[str], device: str, warmup: int,
-               repeats: int, bandwidth: float | None) -> list[Result]:
+def case_functions(case: str, dtype: torch.dtype, locations: str, impls: list[str], device: str):
+    """Inputs, and forward / forward+backward calls by implementation name."""
     inputs = make_inputs(case, dtype, locations, device)
     value, shapes, starts, loc, attn = inputs
-    samples = loc.numel() // 2
     leaves = {impl: [t.detach().clone().requires_grad_() for t in (value, loc, attn)] for impl in impls}
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device, dtype=dtype)
 
@@ -200,6 +202,13 @@ def bench_case(case: str, dtype: torch.dtype, locations: str, impls: list[str], 
         torch.autograd.backward(out, grad, inputs=[v, lc, a])
         v.grad = lc.grad = a.grad = None
 
+    return inputs, forward, forward_backward
+
+
+def bench_case(case: str, dtype: torch.dtype, locations: str, impls: list[str], device: str, warmup: int,
+               repeats: int, bandwidth: float | None) -> list[Result]:
+    inputs, forward, forward_backward = case_functions(case, dtype, locations, impls, device)
+    samples = inputs[3].numel() // 2
     timer = Timer(device)
     times = {(impl, kind): [] for impl in impls for kind in ("fwd", "fwd_bwd")}
     for impl in impls:
@@ -214,8 +223,7 @@ def bench_case(case: str, dtype: torch.dtype, locations: str, impls: list[str], 
     results = []
     for impl in impls:
         fwd, fwd_bwd = statistics.median(times[(impl, "fwd")]), statistics.median(times[(impl, "fwd_bwd")])
-        result = Result(case, impl, str(dtype).replace("torch.", ""), locations, samples, fwd, fwd_bwd,
-                        memory_peak_mb(lambda impl=impl: forward_backward(impl), device))
+        result = Result(case, impl, str(dtype).replace("torch.", ""), locations, samples, fwd, fwd_bwd, None)
         if device == "cpu":
             result.ns_per_sample = fwd * 1e6 / samples
         elif bandwidth:
@@ -223,6 +231,17 @@ def bench_case(case: str, dtype: torch.dtype, locations: str, impls: list[str], 
             result.floor_fraction_fwd_bwd = compulsory_bytes(inputs, True) / bandwidth * 1e3 / fwd_bwd
         results.append(result)
     return results
+
+
+def measure_memory(results: list[Result], device: str) -> None:
+    """Fills in peak_mb, after all timings (on CPU the allocator setting it needs slows allocation)."""
+    for result in results:
+        _, _, forward_backward = case_functions(result.case, getattr(torch, result.dtype), result.locations,
+                                                [result.impl], device)
+        forward_backward(result.impl)
+        if device == "cpu":
+            release_freed_cpu_memory_at_once()
+        result.peak_mb = memory_peak_mb(lambda fn=forward_backward, r=result: fn(r.impl), device)
 
 
 def print_table(results: list[Result]) -> None:
@@ -259,7 +278,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    release_freed_cpu_memory_at_once()
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
@@ -276,6 +294,7 @@ def main() -> None:
         for dtype in dtypes:
             for locations in args.locations:
                 results += bench_case(case, dtype, locations, impls, args.device, warmup, repeats, bandwidth)
+    measure_memory(results, args.device)
     print_table(results)
     print(f"load average at the end {os.getloadavg()[0]:.1f} (times are medians of {repeats}, implementations "
           "interleaved; x = speed-up over pytorch)")

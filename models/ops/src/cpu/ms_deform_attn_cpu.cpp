@@ -245,7 +245,7 @@ struct GradOutputs {
   acc_type_t<scalar_t>* grad_attn;  // [B, Lq, M, L, P]
 };
 
-// Prefetches the cache lines of [ptr, ptr + bytes) (a hint: addresses past the end are harmless).
+// Prefetches the cache lines of [ptr, ptr + bytes) (a hint; it never faults).
 MSDA_ALWAYS_INLINE void prefetch_rows(const void* ptr, int64_t bytes) {
 #if defined(__GNUC__)
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(ptr) + offset);
@@ -299,10 +299,13 @@ MSDA_ALWAYS_INLINE void backward_queries(const Inputs<scalar_t>& in, const GradO
     const int64_t bqm = (b * p.len_q + q) * p.heads + m;
     const acc_t* attn = in.attn + bqm * n_lp;
     const scalar_t* grad_out = go.grad_out + bqm * D;
-    // One head of consecutive queries is M rows apart: fetch the next query's rows ahead.
-    prefetch_rows(in.loc + (bqm + 2 * p.heads) * n_lp * 2, n_lp * 2 * sizeof(acc_t));
-    prefetch_rows(in.attn + (bqm + 2 * p.heads) * n_lp, n_lp * sizeof(acc_t));
-    prefetch_rows(go.grad_out + (bqm + 2 * p.heads) * D, D * sizeof(scalar_t));
+    // One head of consecutive queries is M rows apart: fetch the rows two queries ahead.
+    if (q + 2 < q_end) {
+      const int64_t ahead = bqm + 2 * p.heads;
+      prefetch_rows(in.loc + ahead * n_lp * 2, n_lp * 2 * sizeof(acc_t));
+      prefetch_rows(in.attn + ahead * n_lp, n_lp * sizeof(acc_t));
+      prefetch_rows(go.grad_out + ahead * D, D * sizeof(scalar_t));
+    }
     locate_points(in, in.loc + bqm * n_lp * 2, attn, pts);
     if constexpr (L::kPacked) {
 #pragma GCC unroll 16
