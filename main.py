@@ -76,8 +76,21 @@ def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[Data
     return loader_train, loader_val, sampler_train
 
 
+# Official names of parameters that live elsewhere here: DN-DETR's and DINO's label table is the
+# denoising add-on's (models/criterion/denoising.py).
+LEGACY_KEYS = {"label_enc.weight": "addons.dn.label_enc.weight"}
+
+
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict non-strictly (as official --resume), reporting what did not match."""
+    """Load a state dict non-strictly (as official --resume), reporting what did not match.
+
+    Official keys in ``LEGACY_KEYS`` are renamed when the model has the new name and the state lacks it.
+    """
+    own = model.state_dict()
+    state = dict(state)
+    for old, new in LEGACY_KEYS.items():
+        if old in state and new in own and new not in state:
+            state[new] = state.pop(old)
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.endswith(("total_params", "total_ops"))]
     if missing:

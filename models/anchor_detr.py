@@ -14,11 +14,11 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from .anchor_transformer import AnchorDeformableTransformer, AnchorTransformerOutput
+from .anchor_transformer import AnchorDeformableTransformer, AnchorTransformerOutput, with_indicator
 from .backbone import Joiner
 from .deformable_detr import MLP, DeformableDETR
 from .deformable_transformer import refine_boxes
-from .query_groups import QueryProvider
+from .query_groups import EncoderOutput, QueryProvider
 
 
 class AnchorDeformableDETR(nn.Module):
@@ -34,6 +34,11 @@ class AnchorDeformableDETR(nn.Module):
         share_heads: one class head and one box head for every decoder layer (DINO); else one per layer (DAB).
         random_refpoints_xy: DAB's "fixxy" initialisation: anchor centres uniform in [0, 1]. As in the
             original they keep training (spec P2: the original's freeze is a no-op).
+        content_indicator: one-stage: DN-DETR's indicator bit (``tgt_embed`` is C-1 wide, the content
+            queries end in 0); two-stage: the transformer's setting.
+        num_extra_queries: one-stage: rows of ``tgt_embed``/``refpoint_embed`` after the Q main ones for
+            add-on query groups built like the main queries (H-DETR's one-to-many queries; two-stage keeps
+            them in the transformer's ``tgt_embed``). Never used at evaluation.
 
     Attributes:
         supports_anchor_groups: add-on query groups with 4-d anchors (denoising) can run on this model.
@@ -43,16 +48,18 @@ class AnchorDeformableDETR(nn.Module):
 
     def __init__(self, backbone: Joiner, transformer: AnchorDeformableTransformer, num_classes: int,
                  num_queries: int, num_feature_levels: int, aux_loss: bool = True, share_heads: bool = False,
-                 random_refpoints_xy: bool = False) -> None:
+                 random_refpoints_xy: bool = False, num_extra_queries: int = 0,
+                 content_indicator: bool = False) -> None:
         super().__init__()
-        self.num_queries = num_queries
+        self.num_queries, self.num_extra_queries = num_queries, num_extra_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
         self.num_feature_levels = num_feature_levels
         self.aux_loss, self.two_stage = aux_loss, transformer.two_stage
+        self.content_indicator = transformer.content_indicator if self.two_stage else content_indicator
         if not self.two_stage:  # DAB: learned content and anchors (logit space), N(0, 1) like the original
-            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
-            self.refpoint_embed = nn.Embedding(num_queries, 4)
+            self.tgt_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim - int(content_indicator))
+            self.refpoint_embed = nn.Embedding(num_queries + num_extra_queries, 4)
             if random_refpoints_xy:
                 with torch.no_grad():
                     self.refpoint_embed.weight[:, :2].uniform_(0, 1)
@@ -104,9 +111,28 @@ class AnchorDeformableDETR(nn.Module):
             heads = (self.transformer.enc_out_class_embed, self.transformer.enc_out_bbox_embed)
             out = self.transformer(srcs, masks, pos, enc_heads=heads, providers=providers)
         else:
-            out = self.transformer(srcs, masks, pos, self.tgt_embed.weight, self.refpoint_embed.weight,
-                                   providers=providers)
+            q = self.num_queries
+            out = self.transformer(srcs, masks, pos, with_indicator(self.tgt_embed.weight[:q], self.content_indicator),
+                                   self.refpoint_embed.weight[:q], providers=providers)
         return self.format_outputs(out)
+
+    def group_queries(self, enc: EncoderOutput, start: int, count: int) -> tuple[Tensor, Tensor, None] | None:
+        """Queries built exactly like the main ones from table rows / proposal ranks start .. start+count-1.
+
+        Returns:
+            (content [B, N, C], anchors [B, N, 4] sigmoid space, None: the decoder derives query_pos from
+            the anchors), or None when there are no such proposals.
+        """
+        if self.two_stage:
+            if enc.enc_logits is None:
+                raise ValueError("two-stage group queries need the encoder proposals")
+            tgt, reference, _, _ = self.transformer.proposal_queries(enc.enc_logits, enc.enc_coord_unact, start, count)
+            return (tgt, reference, None) if tgt.shape[1] else None
+        bs = enc.memory.shape[0]
+        tgt = with_indicator(self.tgt_embed.weight[start:start + count], self.content_indicator)
+        tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
+        reference = self.refpoint_embed.weight[start:start + count].sigmoid().unsqueeze(0).expand(bs, -1, -1)
+        return tgt, reference, None
 
     def format_outputs(self, out: AnchorTransformerOutput) -> dict[str, Any]:
         """Per-layer predictions, split into the main queries and each group."""
@@ -117,6 +143,11 @@ class AnchorDeformableDETR(nn.Module):
             logits = self.class_embed[lvl](dec.hs[lvl])
             boxes = refine_boxes(self.bbox_embed[lvl](dec.hs[lvl]), dec.pred_references[lvl])
             per_layer.append((torch.split(logits, sizes, 1), torch.split(boxes, sizes, 1)))
+        if dec.o2m_hs is not None:  # MS-DETR: one-to-many predictions of the main queries, same anchors
+            q = out.num_queries
+            o2m = [(self.class_embed[lvl](dec.o2m_hs[lvl, :, :q]),
+                    refine_boxes(self.bbox_embed[lvl](dec.o2m_hs[lvl, :, :q]), dec.pred_references[lvl, :, :q]))
+                   for lvl in range(dec.o2m_hs.shape[0])]
         result: dict[str, Any] = {}
         for gi, name in enumerate([None] + [g.name for g in out.groups]):
             part: dict[str, Any] = {"pred_logits": per_layer[-1][0][gi], "pred_boxes": per_layer[-1][1][gi]}
@@ -126,6 +157,10 @@ class AnchorDeformableDETR(nn.Module):
                 result.update(part)
             else:
                 result.setdefault("groups", {})[name] = part
+        if dec.o2m_hs is not None:
+            result["o2m_outputs"] = {"pred_logits": o2m[-1][0], "pred_boxes": o2m[-1][1]}
+            if self.aux_loss:
+                result["o2m_outputs"]["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in o2m[:-1]]
         if out.enc_outputs is not None:
             result["enc_outputs"] = out.enc_outputs
         if out.groups:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,13 +44,21 @@ def sine_embed_boxes(boxes: Tensor, d_model: int, temperature: float = 10000.0) 
     return torch.cat([embed(cy), embed(cx), embed(w), embed(h)], -1)
 
 
+def with_indicator(content: Tensor, indicator: bool) -> Tensor:
+    """DN-DETR's indicator bit: [N, C-1] learned content -> [N, C] with a last channel of 0 (identity if off)."""
+    return nn.functional.pad(content, (0, 1)) if indicator else content
+
+
 @dataclass
 class AnchorDecoderOutput:
     """hs: [L, B, T, C] layer outputs (through the decoder norm if any); pred_references: [L, B, T, 4] the
-    sigmoid-space anchors each layer's box prediction is relative to (undetached with look-forward-twice)."""
+    sigmoid-space anchors each layer's box prediction is relative to (undetached with look-forward-twice);
+    o2m_hs: [L, B, T, C] second output of layers that return one (MS-DETR's one-to-many features,
+    through the same norm; predicted from, never fed forward), else None."""
 
     hs: Tensor
     pred_references: Tensor
+    o2m_hs: Tensor | None = None
 
 
 class AnchorDeformableDecoder(nn.Module):
@@ -88,7 +96,7 @@ class AnchorDeformableDecoder(nn.Module):
             raise RuntimeError("the detector must attach bbox_embed to the anchor decoder")
         output = tgt
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
-        hs, pred_refs = [], []
+        hs, pred_refs, o2m_hs = [], [], []
         pred_reference = reference
         for lid, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios  # [B, T, L, 4]
@@ -101,12 +109,15 @@ class AnchorDeformableDecoder(nn.Module):
                 output = checkpoint(layer, *args, use_reentrant=False)
             else:
                 output = layer(*args)
+            output, o2m = output if isinstance(output, tuple) else (output, None)
             hs.append(output if self.norm is None else self.norm(output))
+            if o2m is not None:
+                o2m_hs.append(o2m if self.norm is None else self.norm(o2m))
             pred_refs.append(pred_reference if self.look_forward_twice else reference)
             new_reference = refine_boxes(self.bbox_embed[lid](output), reference)
             pred_reference = new_reference  # undetached: used by the next layer's prediction with LFT
             reference = new_reference.detach()
-        return AnchorDecoderOutput(torch.stack(hs), torch.stack(pred_refs))
+        return AnchorDecoderOutput(torch.stack(hs), torch.stack(pred_refs), torch.stack(o2m_hs) if o2m_hs else None)
 
 
 @dataclass
@@ -130,25 +141,35 @@ class AnchorDeformableTransformer(nn.Module):
         two_stage: DINO's mixed query selection: anchors = top-Q encoder proposals by their best class
             logit (detached), content = the learned ``tgt_embed`` (Xavier-initialised, as in DINO).
         conditional_scale, final_norm, look_forward_twice: see AnchorDeformableDecoder.
+        num_extra_queries: two-stage: rows of ``tgt_embed`` after the Q main ones, for add-on query groups
+            built like the main queries (H-DETR's one-to-many queries); never used at evaluation.
+        decoder_layer: decoder-layer class (or factory) with the standard layer's arguments (MS-DETR's
+            layer, asked for by its add-on); None = the standard layer.
+        content_indicator: two-stage: DN-DETR's indicator bit; ``tgt_embed`` is C-1 wide and the content
+            queries end in a 0 channel (denoising queries end in 1).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.0, activation: str = "relu",
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4, num_queries: int = 300,
                  two_stage: bool = False, conditional_scale: bool = False, final_norm: bool = False,
-                 look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto") -> None:
+                 look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto",
+                 num_extra_queries: int = 0, decoder_layer: Callable[..., nn.Module] | None = None,
+                 content_indicator: bool = False) -> None:
         super().__init__()
         self.d_model, self.nhead, self.two_stage = d_model, nhead, two_stage
+        self.num_queries = num_queries
+        self.content_indicator = content_indicator and two_stage
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
                                                       num_feature_levels, nhead, enc_n_points, msda_impl)
         self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers, use_checkpoint)
-        dec_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                      num_feature_levels, nhead, dec_n_points, msda_impl)
+        dec_layer = (decoder_layer or DeformableTransformerDecoderLayer)(
+            d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, dec_n_points, msda_impl)
         self.decoder = AnchorDeformableDecoder(dec_layer, num_decoder_layers, d_model, conditional_scale,
                                                final_norm, look_forward_twice, use_checkpoint)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
-            self.tgt_embed = nn.Embedding(num_queries, d_model)
+            self.tgt_embed = nn.Embedding(num_queries + num_extra_queries, d_model - int(self.content_indicator))
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
         self._reset_parameters()
@@ -179,20 +200,30 @@ class AnchorDeformableTransformer(nn.Module):
         return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), shapes,
                 spatial_shapes, level_start_index, valid_ratios)
 
-    def _select_queries(self, memory: Tensor, mask_flatten: Tensor, shapes: Sequence[tuple[int, int]],
-                        enc_heads: tuple[nn.Module, nn.Module]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """DINO mixed query selection: (content [B, Q, C], anchors [B, Q, 4] sigmoid, encoder outputs)."""
-        output_memory, output_proposals, valid = self.gen_encoder_output_proposals(memory, mask_flatten, shapes)
-        enc_logits = enc_heads[0](output_memory)
-        enc_coord_unact = enc_heads[1](output_memory) + output_proposals
+    def _proposals(self, memory: Tensor, mask_flatten: Tensor, shapes: Sequence[tuple[int, int]],
+                   enc_heads: tuple[nn.Module, nn.Module]) -> tuple[Tensor, Tensor]:
+        """Every token's proposal: logits [B, S, K] and boxes before sigmoid [B, S, 4] (+inf where invalid)."""
+        output_memory, output_proposals, _ = self.gen_encoder_output_proposals(memory, mask_flatten, shapes)
+        return enc_heads[0](output_memory), enc_heads[1](output_memory) + output_proposals
+
+    def proposal_queries(self, enc_logits: Tensor, enc_coord_unact: Tensor, start: int,
+                         count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """DINO mixed query selection of the proposals ranked start .. start+count-1 by their best class logit.
+
+        Returns:
+            content [B, N, C] (rows start.. of ``tgt_embed``), anchors [B, N, 4] (sigmoid, detached), and
+            the selected proposals' logits [B, N, K] and boxes before sigmoid [B, N, 4] (with gradient).
+        """
         # Invalid (padded or border) tokens never become queries (the official code may pick them, P14).
+        valid = torch.isfinite(enc_coord_unact).all(-1)
         scores = enc_logits.max(-1)[0].masked_fill(~valid, float("-inf"))
-        topk = min(self.tgt_embed.num_embeddings, scores.shape[1])
-        topk_idx = torch.topk(scores, topk, dim=1)[1]
+        end = min(start + count, scores.shape[1])
+        topk_idx = torch.topk(scores, end, dim=1)[1][:, start:]
         coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4))
         logits = torch.gather(enc_logits, 1, topk_idx.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
-        tgt = self.tgt_embed.weight[:topk].unsqueeze(0).expand(memory.shape[0], -1, -1)
-        return tgt, coords.detach().sigmoid(), {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
+        tgt = with_indicator(self.tgt_embed.weight[start:end], self.content_indicator)
+        tgt = tgt.unsqueeze(0).expand(enc_logits.shape[0], -1, -1)
+        return tgt, coords.detach().sigmoid(), logits, coords
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor], tgt: Tensor | None = None,
                 refpoints_unact: Tensor | None = None, enc_heads: tuple[nn.Module, nn.Module] | None = None,
@@ -209,11 +240,13 @@ class AnchorDeformableTransformer(nn.Module):
             srcs, masks, pos_embeds)
         memory = self.encoder(src, shapes, spatial_shapes, level_start_index, valid_ratios, pos, mask_flatten)
         bs = memory.shape[0]
-        enc_outputs = None
+        enc_outputs = enc_logits = enc_coord_unact = None
         if self.two_stage:
             if enc_heads is None:
                 raise ValueError("two-stage needs the encoder proposal heads")
-            tgt, reference, enc_outputs = self._select_queries(memory, mask_flatten, shapes, enc_heads)
+            enc_logits, enc_coord_unact = self._proposals(memory, mask_flatten, shapes, enc_heads)
+            tgt, reference, logits, coords = self.proposal_queries(enc_logits, enc_coord_unact, 0, self.num_queries)
+            enc_outputs = {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
         else:
             reference = refpoints_unact.sigmoid().unsqueeze(0).expand(bs, -1, -1)
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
@@ -221,7 +254,8 @@ class AnchorDeformableTransformer(nn.Module):
 
         groups: list[QueryGroup] = []
         if providers:
-            enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries)
+            enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries, enc_logits,
+                                enc_coord_unact)
             groups = [g for g in (p(enc) for p in providers) if g is not None]
         attn_mask = build_group_attn_mask(num_queries, groups, memory.device)
         for g in groups:

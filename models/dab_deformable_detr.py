@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .addon_builder import build_addons
+from .addon_builder import build_addons, model_options
 from .anchor_detr import AnchorDeformableDETR
 from .anchor_transformer import AnchorDeformableTransformer
 from .backbone import build_backbone
@@ -43,10 +43,28 @@ def check_anchor_args(args: Any, model: str) -> None:
         raise ValueError(f"--hidden_dim must be a multiple of 32 (GroupNorm(32)), got {args.hidden_dim}")
 
 
+def build_anchor_transformer(args: Any, two_stage: bool, conditional_scale: bool, final_norm: bool,
+                             look_forward_twice: bool) -> AnchorDeformableTransformer:
+    """The anchor transformer from the flags, with what the enabled add-ons ask of it (ModelOptions):
+    MS-DETR's decoder layer, DN-DETR's indicator bit and (two-stage) extra content rows for H-DETR's
+    one-to-many queries."""
+    options = model_options(args)
+    return AnchorDeformableTransformer(
+        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
+        activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
+        enc_n_points=args.enc_n_points, num_queries=args.num_queries, two_stage=two_stage,
+        conditional_scale=conditional_scale, final_norm=final_norm, look_forward_twice=look_forward_twice,
+        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl,
+        num_extra_queries=options.extra_queries if two_stage else 0, decoder_layer=options.decoder_layer,
+        content_indicator=options.content_indicator)
+
+
 def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, share_heads: bool,
                       enc_class_agnostic: bool, num_backbone_levels: int = 3
                       ) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """Backbone, detector, add-ons, criterion and post-processor around an anchor transformer."""
+    options = model_options(args)
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding)
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
@@ -54,7 +72,8 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, share
                               from_scratch=args.backbone_from_scratch, num_backbone_levels=num_backbone_levels)
     model = AnchorDeformableDETR(backbone, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
                                  num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
-                                 share_heads=share_heads, random_refpoints_xy=args.random_refpoints_xy)
+                                 share_heads=share_heads, random_refpoints_xy=args.random_refpoints_xy,
+                                 num_extra_queries=options.extra_queries, content_indicator=options.content_indicator)
     addons = build_addons(args, model)
     criterion = SetCriterion(args.num_classes, build_matcher(args), main_coefs(args),
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0,
@@ -71,13 +90,8 @@ def build_dab_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[
     if args.two_stage or args.mixed_selection:
         raise ValueError("dab_deformable_detr is one-stage (learned anchors); use -m dino for two-stage "
                          "with mixed query selection")
-    transformer = AnchorDeformableTransformer(
-        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
-        activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
-        enc_n_points=args.enc_n_points, num_queries=args.num_queries, two_stage=False, conditional_scale=True,
-        final_norm=False, look_forward_twice=args.look_forward_twice, use_checkpoint=args.use_checkpoint,
-        msda_impl=args.msda_impl)
+    transformer = build_anchor_transformer(args, two_stage=False, conditional_scale=True, final_norm=False,
+                                           look_forward_twice=args.look_forward_twice)
     return build_anchor_detr(args, transformer, share_heads=False, enc_class_agnostic=True)
 
 

@@ -18,10 +18,10 @@ from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, build_backbone
 from .criterion import ModelOptions, SetCriterion, main_coefs
-from .deformable_transformer import DeformableTransformer, TransformerOutput, refine_boxes
+from .deformable_transformer import DeformableTransformer, TransformerOutput, refine_boxes, top_proposals
 from .matcher import build_matcher
 from .position_encoding import build_position_encoding
-from .query_groups import QueryProvider
+from .query_groups import EncoderOutput, QueryProvider
 from .registry import register_model
 
 
@@ -60,7 +60,7 @@ class DeformableDETR(nn.Module):
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
                  two_stage: bool = False, mixed_selection: bool = False, num_extra_queries: int = 0) -> None:
         super().__init__()
-        self.num_queries = num_queries
+        self.num_queries, self.num_extra_queries = num_queries, num_extra_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
         self.num_feature_levels = num_feature_levels
@@ -140,6 +140,29 @@ class DeformableDETR(nn.Module):
         if not self.two_stage or self.mixed_selection:
             return self.query_embed.weight[: self.num_queries]
         return None
+
+    def group_queries(self, enc: EncoderOutput, start: int, count: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Queries built exactly like the main ones from table rows / proposal ranks start .. start+count-1.
+
+        Two-stage: the proposals ranked after the main ones (content: rows of ``query_embed`` with mixed
+        selection); one-stage: rows of ``query_embed``. Used by H-DETR's one-to-many group.
+
+        Returns:
+            (tgt [B, N, C], reference [B, N, 2 or 4], query_pos [B, N, C]), or None without proposals.
+        """
+        transformer = self.transformer
+        if enc.enc_coord_unact is not None:
+            coords = enc.enc_coord_unact
+            valid = torch.isfinite(coords).all(-1)  # invalid anchors are +inf (gen_encoder_output_proposals)
+            coords = top_proposals(enc.enc_logits, coords, valid, start + count)[:, start:]
+            if coords.shape[1] == 0:
+                return None
+            content = self.query_embed.weight[start:start + count] if self.mixed_selection else None
+            tgt, query_pos, reference = transformer.proposal_queries(coords, content)
+        else:
+            tgt, query_pos, reference = transformer.learned_queries(self.query_embed.weight[start:start + count],
+                                                                    enc.memory.shape[0])
+        return tgt, reference, query_pos
 
     def forward(self, samples: NestedTensor | Sequence[Tensor], providers: Sequence[QueryProvider] = ()) -> dict:
         """Detect objects.

@@ -14,9 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .anchor_transformer import AnchorDeformableTransformer
 from .criterion import SetCriterion
-from .dab_deformable_detr import add_anchor_args, build_anchor_detr, check_anchor_args
+from .dab_deformable_detr import add_anchor_args, build_anchor_detr, build_anchor_transformer, check_anchor_args
 from .registry import register_model
 
 
@@ -24,12 +23,8 @@ from .registry import register_model
 def build_dino(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """DINO from the flags; two-stage, mixed selection and look-forward-twice are always on."""
     check_anchor_args(args, "dino")
-    transformer = AnchorDeformableTransformer(
-        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
-        activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
-        enc_n_points=args.enc_n_points, num_queries=args.num_queries, two_stage=True, conditional_scale=False,
-        final_norm=True, look_forward_twice=True, use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl)
+    transformer = build_anchor_transformer(args, two_stage=True, conditional_scale=False, final_norm=True,
+                                           look_forward_twice=True)
     # 5-scale: C2-C5 plus one extra level (DINO_5scale's return_interm_indices [0, 1, 2, 3]).
     num_backbone_levels = 4 if args.num_feature_levels >= 5 else 3
     return build_anchor_detr(args, transformer, share_heads=True, enc_class_agnostic=False,

@@ -88,10 +88,14 @@ class ModelOptions:
             mixed selection); only the first Q rows are main queries.
         decoder_layer: decoder-layer class or factory with the standard layer's arguments (MS-DETR's
             layer with the auxiliary FFN); None = the standard layer.
+        content_indicator: DN-DETR's indicator bit: the learned content queries are C-1 wide and get a
+            last channel 0 (denoising queries get 1); honoured by hosts whose content queries are a
+            learned table (dab_deformable_detr, dino), which expose ``content_indicator = True``.
     """
 
     extra_queries: int = 0
     decoder_layer: Callable[..., Any] | None = None
+    content_indicator: bool = False
 
 
 @dataclass

@@ -19,7 +19,7 @@ Supervision of the non-positive slots:
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -30,7 +30,7 @@ from util.misc import inverse_sigmoid
 
 from ..query_groups import EncoderOutput, QueryGroup
 from ..registry import register_addon
-from .base import AddOn, LossGroup, LossSpec, StepContext
+from .base import AddOn, LossGroup, LossSpec, ModelOptions, StepContext
 
 ANCHOR_EPS = 1e-3  # the originals' clamp of the anchor logit (about +-6.9)
 
@@ -96,16 +96,25 @@ class DenoisingQueries(nn.Module):
     """Builds the denoising query group from the ground truth; owns the label embedding.
 
     Args:
-        num_classes: K; the table has K + 1 rows (DINO's ``dn_labelbook_size + 1`` shape for COCO).
+        num_classes: K; the table has K + 1 rows (DN-DETR's and DINO's shape: 92 for COCO).
         hidden_dim: D, the decoder content size.
         config: DenoisingConfig.
+        indicator: DN-DETR's indicator bit: the label table is D - 1 wide and every denoising query's
+            content is [label_enc(label), 1] (padding slots: all zeros); the host's own content queries
+            end in 0. Without it (DINO) the content is label_enc(label), D wide.
     """
 
-    def __init__(self, num_classes: int, hidden_dim: int, config: DenoisingConfig) -> None:
+    def __init__(self, num_classes: int, hidden_dim: int, config: DenoisingConfig, indicator: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.config = config
-        self.label_enc = nn.Embedding(num_classes + 1, hidden_dim)
+        self.indicator = indicator
+        self.label_enc = nn.Embedding(num_classes + 1, hidden_dim - 1 if indicator else hidden_dim)
+
+    def _content(self, labels: Tensor) -> Tensor:
+        """Content vectors of denoising queries with these (noised) labels: [M, D]."""
+        emb = self.label_enc(labels)
+        return torch.cat([emb, emb.new_ones(emb.shape[0], 1)], 1) if self.indicator else emb
 
     def forward(self, targets: Sequence[Mapping[str, Tensor]], batch_size: int, device: torch.device,
                 name: str = "dn") -> QueryGroup:
@@ -125,7 +134,7 @@ class DenoisingQueries(nn.Module):
         kept = [len(s) for s in sel]
         if sum(kept) == 0:
             return self._empty_group(batch_size, device, name)
-        c, dim = cfg.copies, self.label_enc.embedding_dim
+        c, dim = cfg.copies, self.label_enc.embedding_dim + int(self.indicator)
         stride = c * slots
         pad = groups * stride
         labels = torch.cat([t["labels"][s] for t, s in zip(targets, sel)])  # [M]
@@ -146,7 +155,7 @@ class DenoisingQueries(nn.Module):
 
         slot_idx = copy_idx * slots + local_idx
         tgt = self.label_enc.weight.new_zeros(batch_size, pad, dim)
-        tgt[batch_idx, slot_idx] = self.label_enc(labels)
+        tgt[batch_idx, slot_idx] = self._content(labels)
         reference = boxes.new_full((batch_size, pad, 4), 0.5)
         reference[batch_idx, slot_idx] = inverse_sigmoid(boxes, ANCHOR_EPS).sigmoid()
         block = torch.arange(pad, device=device) // stride
@@ -174,7 +183,8 @@ class DenoisingQueries(nn.Module):
 
     def _empty_group(self, batch_size: int, device: torch.device, name: str) -> QueryGroup:
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        tgt = (self.label_enc.weight[-1] * 0.0).expand(batch_size, 1, -1)
+        no_object = torch.full((1,), self.num_classes, dtype=torch.long, device=device)
+        tgt = (self._content(no_object) * 0.0).expand(batch_size, 1, -1)  # keeps label_enc in the graph (DDP)
         reference = torch.full((batch_size, 1, 4), 0.5, device=device)
         meta = {"indices": [(empty, empty)] * batch_size, "num_boxes": 0.0,
                 "valid": torch.zeros(batch_size, 1, dtype=torch.bool, device=device), "num_groups": 1, "pad": 0}
@@ -214,6 +224,12 @@ class Denoising(AddOn):
         return bool(getattr(args, "use_dn", False) or getattr(args, "contrastive", False))
 
     @classmethod
+    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
+        # DN-DETR's indicator bit (DINO's contrastive denoising has none); hosts without a learned content
+        # table (two-stage deformable_detr: content from the proposals) run denoising without it.
+        return replace(options, content_indicator=not args.contrastive)
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> Denoising:
         if not getattr(model, "supports_anchor_groups", getattr(model, "two_stage", False)):
             raise ValueError("denoising needs 4-d anchor queries: use deformable_detr with --two_stage "
@@ -224,7 +240,8 @@ class Denoising(AddOn):
         else:
             config = DenoisingConfig("dn", num_groups=args.scalar, label_noise_prob=args.label_noise_scale,
                                      box_noise_scale=args.box_noise_scale, max_queries=args.dn_max_queries)
-        return cls(DenoisingQueries(args.num_classes, args.hidden_dim, config))
+        return cls(DenoisingQueries(args.num_classes, args.hidden_dim, config,
+                                    indicator=getattr(model, "content_indicator", False)))
 
     def module(self) -> nn.Module:
         return self.queries

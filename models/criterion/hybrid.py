@@ -2,20 +2,21 @@
 
 specs/deformable_family.md §3.1 ([HD] HDETR/H-Deformable-DETR). The one-to-many queries are a query group
 behind the shared block mask (models/query_groups.py): they see each other but never the one-to-one
-queries, and the one-to-one queries never see them. In two-stage they are the proposals ranked
-Q1+1 .. Q1+Qm (the one-to-one queries take the first Q1), in one-stage / with mixed selection the rows
-Q1 .. Q1+Qm-1 of the model's own ``query_embed`` table (official names and shapes, so H-DETR's released
-checkpoints load). Evaluation never builds the group: only the Q1 one-to-one queries/proposals exist.
+queries, and the one-to-one queries never see them. The host builds them exactly like its main queries
+(``group_queries``): in two-stage the proposals ranked Q1+1 .. Q1+Qm (the one-to-one queries take the
+first Q1), in one-stage / with mixed selection the rows Q1 .. Q1+Qm-1 of the model's own query table
+(Deformable-DETR: ``query_embed``, official names and shapes, so H-DETR's released checkpoints load;
+DAB: ``tgt_embed``/``refpoint_embed``; DINO: ``transformer.tgt_embed``, the rows its selected proposals
+take their content from). Evaluation never builds the group: only the Q1 one-to-one queries exist.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from ..deformable_transformer import DeformableTransformer, top_proposals
 from ..query_groups import EncoderOutput, QueryGroup
 from ..registry import register_addon
 from .base import AddOn, LossGroup, LossSpec, ModelOptions, StepContext
@@ -33,7 +34,7 @@ class HybridBranch(AddOn):
     """H-DETR's hybrid matching branch (losses under the official suffix ``_one2many``).
 
     Args:
-        model: the host DeformableDETR, built with ``num_extra_queries = num_one2many``.
+        model: the host detector (``group_queries``), built with ``num_extra_queries >= num_one2many``.
         num_one2many: Qm, the one-to-many queries.
         k: times each ground-truth box is repeated.
         lambda_one2many: weight of every one-to-many loss (multiplies its coefficient in weight_dict).
@@ -63,14 +64,15 @@ class HybridBranch(AddOn):
     def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
         if args.num_queries_one2many <= 0:
             raise ValueError("the hybrid branch needs --num_queries_one2many > 0")
-        return ModelOptions(options.extra_queries + args.num_queries_one2many, options.decoder_layer)
+        return replace(options, extra_queries=options.extra_queries + args.num_queries_one2many)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> HybridBranch:
-        if not isinstance(getattr(model, "transformer", None), DeformableTransformer):
-            raise ValueError("the hybrid branch builds its queries like deformable_detr's; use -m deformable_detr")
-        table = getattr(model, "query_embed", None)
-        if table is not None and table.num_embeddings < args.num_queries + args.num_queries_one2many:
+        if not hasattr(model, "group_queries"):
+            raise ValueError(f"model {args.model!r} cannot build extra queries like its main ones "
+                             f"(no group_queries); the hybrid branch runs on deformable_detr, "
+                             f"dab_deformable_detr and dino")
+        if getattr(model, "num_extra_queries", 0) < args.num_queries_one2many:
             raise ValueError("the model builder ignored the add-ons' extra query rows (ModelOptions.extra_queries)")
         return cls(model, args.num_queries_one2many, args.k_one2many, args.lambda_one2many)
 
@@ -79,19 +81,10 @@ class HybridBranch(AddOn):
 
     def query_group(self, enc: EncoderOutput, ctx: StepContext) -> QueryGroup | None:
         """The Qm one-to-many queries for this training step (same construction as the main queries)."""
-        transformer, q1 = self.model.transformer, enc.num_queries
-        table = getattr(self.model, "query_embed", None)
-        if enc.enc_coord_unact is not None:  # two-stage: proposals ranked after the one-to-one ones
-            coords = enc.enc_coord_unact
-            valid = torch.isfinite(coords).all(-1)  # invalid anchors are +inf (gen_encoder_output_proposals)
-            coords = top_proposals(enc.enc_logits, coords, valid, q1 + self.num_one2many)[:, q1:]
-            if coords.shape[1] == 0:
-                return None
-            content = table.weight[q1:] if transformer.mixed_selection else None
-            tgt, query_pos, reference = transformer.proposal_queries(coords, content)
-        else:
-            tgt, query_pos, reference = transformer.learned_queries(
-                table.weight[q1:q1 + self.num_one2many], enc.memory.shape[0])
+        queries = self.model.group_queries(enc, enc.num_queries, self.num_one2many)
+        if queries is None:
+            return None
+        tgt, reference, query_pos = queries
         return QueryGroup(GROUP, tgt, reference, query_pos)
 
     def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:

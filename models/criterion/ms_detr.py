@@ -8,6 +8,7 @@ the model's ``o2m_outputs`` on every decoder layer with the one-to-many assigner
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from functools import partial
 from typing import Any, Mapping, Sequence
 
@@ -130,13 +131,14 @@ class MixedSupervision(AddOn):
     def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
         if options.decoder_layer is not None:
             raise ValueError("MS-DETR needs its own decoder layer, but another add-on already chose one")
-        return ModelOptions(options.extra_queries, partial(MSDETRDecoderLayer, use_aux_ffn=args.use_aux_ffn))
+        return replace(options, decoder_layer=partial(MSDETRDecoderLayer, use_aux_ffn=args.use_aux_ffn))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> MixedSupervision:
         if not any(isinstance(m, MSDETRDecoderLayer) for m in model.modules()):
             raise ValueError(f"model {args.model!r} was built without MS-DETR's decoder layer "
-                             f"(its builder ignores ModelOptions.decoder_layer); use -m deformable_detr")
+                             f"(its builder ignores ModelOptions.decoder_layer); use -m deformable_detr, "
+                             f"dab_deformable_detr or dino")
         assigner = OneToManyAssigner(args.o2m_matcher_threshold, args.o2m_matcher_k, seed=args.seed + get_rank())
         return cls(assigner, {"loss_ce": args.o2m_cls_loss_coef, "loss_bbox": args.o2m_bbox_loss_coef,
                               "loss_giou": args.o2m_giou_loss_coef})

@@ -236,3 +236,48 @@ def test_addons_off_is_bitwise_baseline(monkeypatch):
 def test_one_stage_host_is_rejected():
     with pytest.raises(ValueError, match="anchor"):
         build_model(tiny_args("--use_dn"))
+
+
+# ------------------------------------------------------------------------------ indicator bit
+def _decoder_input(model, criterion, images, targets):
+    """The content queries [B, T, C] entering the decoder in a training forward, and the DN group."""
+    seen = {}
+    def hook(module, args):
+        seen["tgt"] = args[0]
+
+    handle = model.transformer.decoder.register_forward_pre_hook(hook)
+    providers = engine._query_providers(criterion.addons, StepContext(targets))
+    with torch.no_grad():
+        out = model.train()(nested_tensor_from_tensor_list(images), providers=providers)
+    handle.remove()
+    return seen["tgt"], out["group_meta"]["dn"]
+
+
+@pytest.mark.parametrize("host", [["-m", "dab_deformable_detr"], ["-m", "dino"]], ids=["dab", "dino"])
+def test_dn_detr_indicator_bit(host, batch):
+    images, targets = batch
+    model, criterion, _ = build_model(tiny_args(*host, "--use_dn"))
+    table = model.transformer.tgt_embed if model.two_stage else model.tgt_embed
+    assert table.weight.shape == (8, 31) and model.addons.dn.label_enc.weight.shape == (6, 31)
+    tgt, meta = _decoder_input(model, criterion, images, targets)
+    main, dn = tgt[:, :8], tgt[:, 8:]
+    assert tgt.shape[-1] == 32 and torch.equal(main[..., -1], torch.zeros(2, 8))
+    real = meta["valid"]  # slots holding a noised GT: indicator 1; padding slots: all zeros
+    assert real.any() and (~real).any()
+    assert torch.equal(dn[..., -1][real], torch.ones(int(real.sum())))
+    assert not dn[~real].any()
+    # DINO's contrastive denoising has no indicator: full-width label table and content
+    model, criterion, _ = build_model(tiny_args(*host, "--use_dn", "--contrastive"))
+    assert model.addons.dn.label_enc.weight.shape == (6, 32)
+    assert (model.transformer.tgt_embed if model.two_stage else model.tgt_embed).weight.shape == (8, 32)
+
+
+def test_official_label_enc_key_loads_into_the_addon():
+    from main import load_model_weights
+
+    model, _, _ = build_model(tiny_args("-m", "dn_dab_deformable_detr", "--use_dn"))
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state["label_enc.weight"] = state.pop("addons.dn.label_enc.weight")
+    load_model_weights(model, state, "official")
+    assert torch.equal(model.addons.dn.label_enc.weight, state["label_enc.weight"])
+    assert torch.equal(model.tgt_embed.weight, state["tgt_embed.weight"])
