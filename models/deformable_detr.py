@@ -174,7 +174,8 @@ class DeformableDETR(nn.Module):
         Returns:
             dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised
             cxcywh), ``aux_outputs`` (list of the same pair for decoder layers 0..L-2, with aux loss),
-            ``enc_outputs`` (two-stage: proposal ``pred_logits`` [B, S, K] and ``pred_boxes`` [B, S, 4]),
+            ``enc_outputs`` (two-stage: proposal ``pred_logits`` [B, S, K] and ``pred_boxes`` [B, S, 4],
+            and the tokens' fixed ``anchors`` [B, S, 4] sigmoid space with ``anchor_valid`` [B, S] bool),
             ``groups`` {name: same structure as the main outputs} when query groups ran, and
             ``o2m_outputs`` (same structure, main queries only) when the decoder layers make one-to-many
             features (MS-DETR).
@@ -219,7 +220,9 @@ class DeformableDETR(nn.Module):
                                                  dec.o2m_box_logits[:, :, :q], out.init_reference[:, :q])
             result["o2m_outputs"] = self._layer_dict(o2m_logits, o2m_boxes)
         if out.enc_logits is not None:
-            result["enc_outputs"] = {"pred_logits": out.enc_logits, "pred_boxes": out.enc_coord_unact.sigmoid()}
+            result["enc_outputs"] = {"pred_logits": out.enc_logits, "pred_boxes": out.enc_coord_unact.sigmoid(),
+                                     "anchors": out.enc_anchors.sigmoid(),
+                                     "anchor_valid": torch.isfinite(out.enc_anchors).all(-1)}
         if out.groups:
             result["group_meta"] = {g.name: g.meta for g in out.groups}
         return result

@@ -253,6 +253,7 @@ class TransformerOutput:
         num_queries: Q.
         enc_logits: [B, S, K] encoder proposal logits (two-stage), else None.
         enc_coord_unact: [B, S, 4] encoder proposal boxes before sigmoid (two-stage), else None.
+        enc_anchors: [B, S, 4] the fixed anchor of every token before sigmoid (+inf where invalid; two-stage).
     """
 
     decoder: DecoderOutput
@@ -261,6 +262,7 @@ class TransformerOutput:
     num_queries: int
     enc_logits: Tensor | None = None
     enc_coord_unact: Tensor | None = None
+    enc_anchors: Tensor | None = None
 
 
 class DeformableTransformer(nn.Module):
@@ -447,7 +449,7 @@ class DeformableTransformer(nn.Module):
         memory = self.encoder(src_flatten, shapes, spatial_shapes, level_start_index, valid_ratios, pos_flatten,
                               mask_flatten)
         bs = memory.shape[0]
-        enc_logits = enc_coord_unact = None
+        enc_logits = enc_coord_unact = output_proposals = None
         if self.two_stage:
             if enc_heads is None:
                 raise ValueError("two-stage needs the encoder proposal heads")
@@ -472,4 +474,5 @@ class DeformableTransformer(nn.Module):
 
         dec = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
                            query_pos, mask_flatten, attn_mask)
-        return TransformerOutput(dec, reference_points, groups, num_queries, enc_logits, enc_coord_unact)
+        return TransformerOutput(dec, reference_points, groups, num_queries, enc_logits, enc_coord_unact,
+                                 output_proposals)

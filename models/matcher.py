@@ -52,7 +52,8 @@ class HungarianMatcher(nn.Module):
         """Match every image.
 
         Args:
-            outputs: ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4] (cxcywh).
+            outputs: ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4] (cxcywh); optionally ``valid``
+                [B, Q] bool: queries that may be matched (others only when fewer valid queries than targets).
             targets: per image ``labels`` [G_b] and ``boxes`` [G_b, 4] (cxcywh).
 
         Returns:
@@ -61,11 +62,15 @@ class HungarianMatcher(nn.Module):
         # A diverged step may carry NaNs; matching must still succeed so the step can be skipped cleanly.
         logits = torch.nan_to_num(outputs["pred_logits"].float())
         boxes = torch.nan_to_num(outputs["pred_boxes"].float(), nan=0.5)
+        valid = outputs.get("valid")
         costs = []
         for b, t in enumerate(targets):
             if len(t["labels"]) == 0:
                 continue
-            costs.append(self.cost_matrix(logits[b], boxes[b], t["labels"], t["boxes"].float()).flatten())
+            cost = self.cost_matrix(logits[b], boxes[b], t["labels"], t["boxes"].float())
+            if valid is not None:
+                cost = cost.masked_fill(~valid[b, :, None], 1e8)
+            costs.append(cost.flatten())
         flat = torch.cat(costs).cpu() if costs else torch.empty(0)
         flat = torch.nan_to_num(flat, nan=1e8, posinf=1e8, neginf=-1e8)
         indices, offset, q = [], 0, logits.shape[1]

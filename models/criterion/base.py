@@ -161,6 +161,10 @@ class AddOn:
         """Extra supervised groups for this step."""
         return []
 
+    def encoder_matcher(self, enc_outputs: Mapping[str, Any]) -> Callable[..., Indices] | None:
+        """An assigner replacing the default one for the two-stage encoder proposals (None: keep it)."""
+        return None
+
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         """Called after the optimizer step (e.g. an EMA update)."""
 

@@ -4,6 +4,8 @@ specs/deformable_family.md §4 ([MS] Atten4Vis/MS-DETR; the assigner follows its
 itself adapted from DETA). No extra queries: the add-on asks the builder for MS-DETR's decoder layer
 (models/ms_detr_layer.py: cross-attention first, auxiliary FFN with the official names), and supervises
 the model's ``o2m_outputs`` on every decoder layer with the one-to-many assigner below (suffix ``_o2m``).
+On Deformable-DETR two-stage hosts the encoder proposals are matched on their fixed anchors, as the
+official code always does (``AnchorMatcher``).
 """
 from __future__ import annotations
 
@@ -18,11 +20,29 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 from util.misc import get_rank
 
+from ..matcher import HungarianMatcher
 from ..ms_detr_layer import MSDETRDecoderLayer
 from ..registry import register_addon
 from .base import AddOn, Indices, LossGroup, LossSpec, ModelOptions
 
 SUFFIX = "o2m"
+
+
+class AnchorMatcher:
+    """MS-DETR's encoder-proposal assignment: Hungarian on the tokens' fixed anchors, not on the predictions.
+
+    specs/deformable_family.md §4.3: cost_class 0, cost_bbox 5, cost_giou 2 between the anchors (cell
+    centre, size 0.05 * 2^level) and the ground truth; the losses are then computed on the predicted
+    proposals. Invalid (padded or border) tokens are matched only when there are fewer valid ones than
+    ground-truth boxes (the official code may match them: their anchor is the box (1, 1, 1, 1)).
+    """
+
+    def __init__(self, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+        self.hungarian = HungarianMatcher(cost_class=0.0, cost_bbox=cost_bbox, cost_giou=cost_giou)
+
+    def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
+        return self.hungarian({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["anchors"],
+                               "valid": outputs["anchor_valid"]}, targets)
 
 
 class OneToManyAssigner:
@@ -109,6 +129,7 @@ class MixedSupervision(AddOn):
 
     def __init__(self, assigner: OneToManyAssigner, coefs: Mapping[str, float]) -> None:
         self.assigner, self.coefs = assigner, dict(coefs)
+        self.anchor_matcher = AnchorMatcher()
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -151,6 +172,11 @@ class MixedSupervision(AddOn):
             raise KeyError("MS-DETR needs a model whose decoder makes one-to-many features (o2m_outputs); "
                            "this model was built without MS-DETR's decoder layer")
         return [LossGroup(SUFFIX, outputs["o2m_outputs"], targets, matcher=self.assigner)]
+
+    def encoder_matcher(self, enc_outputs: Mapping[str, Any]) -> AnchorMatcher | None:
+        """Deformable-DETR hosts (proposals on every token): match on the anchors, as MS-DETR always does.
+        DINO's encoder loss (top-Q proposals, real labels) keeps its own matching."""
+        return self.anchor_matcher if "anchors" in enc_outputs else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.assigner.generator.get_state()}

@@ -155,7 +155,10 @@ class SetCriterion(nn.Module):
             enc_targets = targets
             if self.enc_class_agnostic:  # copies: the targets themselves are never modified
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            groups.append(LossGroup("enc", outputs["enc_outputs"], enc_targets))
+            matchers = [m for m in (a.encoder_matcher(outputs["enc_outputs"]) for a in self.addons) if m is not None]
+            if len(matchers) > 1:
+                raise ValueError("more than one add-on replaces the encoder-proposal matcher")
+            groups.append(LossGroup("enc", outputs["enc_outputs"], enc_targets, matcher=(matchers or [None])[0]))
         return groups
 
     def _num_boxes(self, groups: Sequence[LossGroup], device: torch.device) -> list[Tensor]:

@@ -164,3 +164,37 @@ def test_subsampling_generator_is_checkpointed():
     first = addon.assigner.assign(s)
     addon.load_state_dict(state)
     assert _pairs(*addon.assigner.assign(s)) == _pairs(*first)
+
+
+def test_anchor_matcher_matches_fixed_anchors_and_skips_invalid_tokens():
+    from models.criterion.ms_detr import AnchorMatcher
+
+    anchors = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.1, 0.1]]])
+    valid = torch.tensor([[True, True, False, True]])
+    logits = torch.randn(1, 4, 3) * 10  # the class cost is 0: logits play no part
+    boxes = torch.tensor([[0.72, 0.68, 0.2, 0.2], [0.95, 0.95, 0.9, 0.9]])
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": boxes}]
+    matcher = AnchorMatcher()
+    (q, g), = matcher({"pred_logits": logits, "pred_boxes": torch.rand(1, 4, 4), "anchors": anchors,
+                       "anchor_valid": valid}, targets)
+    assert sorted(zip(g.tolist(), q.tolist())) == [(0, 1), (1, 3)]
+    # GT 1 is closest to the invalid border anchor 2, which an unmasked matcher would take
+    (q, g), = matcher.hungarian({"pred_logits": logits, "pred_boxes": anchors}, targets)
+    assert sorted(zip(g.tolist(), q.tolist())) == [(0, 1), (1, 2)]
+
+
+def test_encoder_proposals_are_matched_on_anchors(batch):
+    model, criterion, _ = build_model(tiny_args("--with_box_refine", "--two_stage", *MS))
+    images, targets = batch
+    out = model.train()(nested_tensor_from_tensor_list(images))
+    enc = out["enc_outputs"]
+    assert enc["anchors"].shape == enc["pred_boxes"].shape and enc["anchor_valid"].any()
+    (group,) = [g for g in criterion.main_groups(out, targets) if g.suffix == "enc"]
+    assert group.matcher is criterion.addons[0].anchor_matcher
+    (q, _), _ = group.matcher(enc, targets)
+    expected = criterion.addons[0].anchor_matcher.hungarian(
+        {"pred_logits": enc["pred_logits"], "pred_boxes": enc["anchors"], "valid": enc["anchor_valid"]}, targets)
+    assert torch.equal(q, expected[0][0]) and enc["anchor_valid"][0, q].all()
+    # without MS-DETR the encoder proposals keep the main Hungarian matcher on the predicted boxes
+    _, plain, _ = build_model(tiny_args("--with_box_refine", "--two_stage"))
+    assert [g.matcher for g in plain.main_groups(out, targets) if g.suffix == "enc"] == [None]
