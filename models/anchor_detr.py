@@ -134,33 +134,31 @@ class AnchorDeformableDETR(nn.Module):
         reference = self.refpoint_embed.weight[start:start + count].sigmoid().unsqueeze(0).expand(bs, -1, -1)
         return tgt, reference, None
 
+    _layer_dict = DeformableDETR._layer_dict  # {last layer, aux_outputs} from per-layer logits and boxes
+
+    def predict(self, hs: Tensor, references: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-layer class logits and sigmoid boxes of features hs [L, B, T, C] relative to anchors [L, B, T, 4]."""
+        logits = [self.class_embed[lvl](hs[lvl]) for lvl in range(hs.shape[0])]
+        boxes = [refine_boxes(self.bbox_embed[lvl](hs[lvl]), references[lvl]) for lvl in range(hs.shape[0])]
+        return logits, boxes
+
     def format_outputs(self, out: AnchorTransformerOutput) -> dict[str, Any]:
         """Per-layer predictions, split into the main queries and each group."""
         dec = out.decoder
         sizes = [out.num_queries] + [g.size for g in out.groups]
-        per_layer = []
-        for lvl in range(dec.hs.shape[0]):
-            logits = self.class_embed[lvl](dec.hs[lvl])
-            boxes = refine_boxes(self.bbox_embed[lvl](dec.hs[lvl]), dec.pred_references[lvl])
-            per_layer.append((torch.split(logits, sizes, 1), torch.split(boxes, sizes, 1)))
-        if dec.o2m_hs is not None:  # MS-DETR: one-to-many predictions of the main queries, same anchors
-            q = out.num_queries
-            o2m = [(self.class_embed[lvl](dec.o2m_hs[lvl, :, :q]),
-                    refine_boxes(self.bbox_embed[lvl](dec.o2m_hs[lvl, :, :q]), dec.pred_references[lvl, :, :q]))
-                   for lvl in range(dec.o2m_hs.shape[0])]
+        logits, boxes = self.predict(dec.hs, dec.pred_references)
+        split_logits = [torch.split(x, sizes, 1) for x in logits]
+        split_boxes = [torch.split(x, sizes, 1) for x in boxes]
         result: dict[str, Any] = {}
         for gi, name in enumerate([None] + [g.name for g in out.groups]):
-            part: dict[str, Any] = {"pred_logits": per_layer[-1][0][gi], "pred_boxes": per_layer[-1][1][gi]}
-            if self.aux_loss:
-                part["aux_outputs"] = [{"pred_logits": lg[gi], "pred_boxes": bx[gi]} for lg, bx in per_layer[:-1]]
+            part = self._layer_dict([x[gi] for x in split_logits], [x[gi] for x in split_boxes])
             if name is None:
                 result.update(part)
             else:
                 result.setdefault("groups", {})[name] = part
-        if dec.o2m_hs is not None:
-            result["o2m_outputs"] = {"pred_logits": o2m[-1][0], "pred_boxes": o2m[-1][1]}
-            if self.aux_loss:
-                result["o2m_outputs"]["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in o2m[:-1]]
+        if dec.o2m_hs is not None:  # MS-DETR: one-to-many predictions of the main queries, same anchors
+            q = out.num_queries
+            result["o2m_outputs"] = self._layer_dict(*self.predict(dec.o2m_hs[:, :, :q], dec.pred_references[:, :, :q]))
         if out.enc_outputs is not None:
             result["enc_outputs"] = out.enc_outputs
         if out.groups:
