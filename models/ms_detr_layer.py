@@ -3,7 +3,8 @@
 specs/deformable_family.md §4.1 ([MS] Atten4Vis/MS-DETR, architecture (c) of its Figure 4). Parameter
 names are the official ones (the standard layer's plus ``linear3``, ``linear4``, ``norm4``), so the
 released MS-DETR checkpoints load strictly. The add-on (models/criterion/ms_detr.py) asks the builder
-for this layer; the decoder predicts from its second output but never feeds it forward.
+for this layer; the decoder predicts from its second output but never feeds it forward. In evaluation the
+one-to-many branch is skipped (second output None): only the one-to-one predictions are evaluated.
 """
 from __future__ import annotations
 
@@ -35,21 +36,21 @@ class MSDETRDecoderLayer(DeformableTransformerDecoderLayer):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, src: Tensor,
                 src_spatial_shapes: Tensor, level_start_index: Tensor, src_padding_mask: Tensor | None = None,
-                self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Shapes as the standard layer.
 
         Returns:
             (output [B, T, C] fed to the next layer and supervised one-to-one,
-             one-to-many features [B, T, C] only predicted from).
+             one-to-many features [B, T, C] only predicted from; None in evaluation mode).
         """
         tgt2 = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, src_spatial_shapes,
                                level_start_index, src_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        o2m = tgt
-        if self.use_aux_ffn:
+        o2m = tgt if self.training else None
+        if self.use_aux_ffn and self.training:
             o2m = self.norm4(tgt + self.dropout6(self.linear4(self.dropout5(self.activation(self.linear3(tgt))))))
         q = k = _with_pos(tgt, query_pos)
-        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=self.official_dropout_path)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2)), o2m

@@ -5,7 +5,9 @@ itself adapted from DETA). No extra queries: the add-on asks the builder for MS-
 (models/ms_detr_layer.py: cross-attention first, auxiliary FFN with the official names), and supervises
 the model's ``o2m_outputs`` on every decoder layer with the one-to-many assigner below (suffix ``_o2m``).
 On Deformable-DETR two-stage hosts the encoder proposals are matched on their fixed anchors, as the
-official code always does (``AnchorMatcher``).
+official code always does (``AnchorMatcher``). Official by default, including the assigner's random
+subsampling on torch's global generator (same draws, same order); the deliberate fixes are opt-in flags
+(``--o2m_keep_best_query``, ``--enc_match_valid_anchors_only``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
-from util.misc import get_rank
 
 from ..matcher import HungarianMatcher
 from ..ms_detr_layer import MSDETRDecoderLayer
@@ -31,86 +32,101 @@ SUFFIX = "o2m"
 class AnchorMatcher:
     """MS-DETR's encoder-proposal assignment: Hungarian on the tokens' fixed anchors, not on the predictions.
 
-    specs/deformable_family.md §4.3: cost_class 0, cost_bbox 5, cost_giou 2 between the anchors (cell
-    centre, size 0.05 * 2^level) and the ground truth; the losses are then computed on the predicted
-    proposals. Invalid (padded or border) tokens are matched only when there are fewer valid ones than
-    ground-truth boxes (the official code may match them: their anchor is the box (1, 1, 1, 1)).
+    specs/deformable_family.md §4.3: cost_class 0, cost_bbox and cost_giou as the main matcher
+    (``--set_cost_bbox`` 5, ``--set_cost_giou`` 2) between the anchors (cell centre, size 0.05 * 2^level) and
+    the ground truth; the losses are then computed on the predicted proposals. As in the official code,
+    every token may be matched, invalid (padded or border) ones included: their anchor is the box
+    (1, 1, 1, 1). With ``valid_only`` the invalid tokens are matched only when there are fewer valid ones
+    than ground-truth boxes (``--enc_match_valid_anchors_only``).
     """
 
-    def __init__(self, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+    def __init__(self, cost_bbox: float = 5.0, cost_giou: float = 2.0, valid_only: bool = False) -> None:
         self.hungarian = HungarianMatcher(cost_class=0.0, cost_bbox=cost_bbox, cost_giou=cost_giou)
+        self.valid_only = valid_only
 
     def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
-        return self.hungarian({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["anchors"],
-                               "valid": outputs["anchor_valid"]}, targets)
+        anchor_outputs = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["anchors"]}
+        if self.valid_only:
+            anchor_outputs["valid"] = outputs["anchor_valid"]
+        return self.hungarian(anchor_outputs, targets)
 
 
 class OneToManyAssigner:
-    """Assign up to k queries per ground-truth box by a quality score (no gradient).
+    """Assign up to k queries per ground-truth box by a quality score (no gradient), as the official assigner.
 
     Per image, with quality S(g, q) = iou_weight * IoU(box_q, box_g) + cls_weight * sigmoid(logit_q)[c_g]:
-    1. every query is positive when its best S over the GTs is >= threshold; each GT's best query is
-       positive too (low-quality matches);
-    2. at most floor(positive_fraction * Q) positives are kept, drawn at random with this assigner's own
-       seeded generator (deterministic, and saved in checkpoints by the add-on);
-    3. c_g = kept positives whose best GT is g, raised to at least 1 so every GT keeps its best query
-       (the official code can leave a GT without a query when its best query prefers another GT or the
-       random cap drops it);
-    4. GT g gets its min(c_g, k) best queries by S over all Q queries;
-    5. pairs are sorted by S ascending: when a query is paired with several GTs, the best pair comes
-       last and sets its class target (SetCriterion writes the last pair of a duplicated query).
+    1. every query whose best S over the GTs is >= threshold is positive, and so is each GT's top-1 query
+       (low-quality matches); a positive query keeps its own best GT g*(q) either way;
+    2. detectron2-style subsampling with Q samples: two permutations are drawn on torch's GLOBAL generator,
+       on the device of the predictions, first ``randperm(#positives)`` then ``randperm(#negatives)`` (the
+       second one is never used, but the official code draws it, so the generator advances the same way);
+       the first floor(positive_fraction * Q) positives of the permutation are kept;
+    3. c_g = kept positives whose g* is g; a GT with c_g = 0 gets no query (its best query may prefer another
+       GT, or the cap may drop it) unless ``keep_best_query`` raises c_g to 1;
+    4. each GT with c_g > 0 gets its min(c_g, k) best queries by S over all Q queries;
+    5. the pairs, GT by GT (ascending) and best first within a GT, are reordered by ``argsort`` of S
+       (ascending, torch's default sort, as the official code): when a query is paired with several GTs the
+       best pair comes last and sets its class target (SetCriterion writes the last pair of a query).
+    Images without ground truth draw the two permutations too (of 0 and Q elements) and get no pair.
 
     Args:
         threshold: quality threshold of step 1 (``--o2m_matcher_threshold``).
-        k: queries per GT at most (``--o2m_matcher_k``).
+        k: queries per GT at most (``--o2m_matcher_k``; capped at Q, where the official code fails).
         iou_weight, cls_weight: quality mix (official: 0.7, 0.3; not exposed as flags there either).
         positive_fraction: cap of step 2 as a fraction of Q (official: 0.25).
-        seed: seed of the subsampling generator.
+        keep_best_query: every GT keeps at least its best query (``--o2m_keep_best_query``; off officially).
     """
 
     def __init__(self, threshold: float = 0.4, k: int = 6, iou_weight: float = 0.7, cls_weight: float = 0.3,
-                 positive_fraction: float = 0.25, seed: int = 0) -> None:
+                 positive_fraction: float = 0.25, keep_best_query: bool = False) -> None:
         self.threshold, self.k = threshold, k
         self.iou_weight, self.cls_weight, self.positive_fraction = iou_weight, cls_weight, positive_fraction
-        self.generator = torch.Generator().manual_seed(seed)
+        self.keep_best_query = keep_best_query
 
     def quality(self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor) -> Tensor:
-        """S [G, Q] for one image: logits [Q, K], boxes [Q, 4] and gt_boxes [G, 4] cxcywh, labels [G]."""
-        iou = box_iou(box_cxcywh_to_xyxy(gt_boxes), box_cxcywh_to_xyxy(boxes))[0]
-        return self.iou_weight * iou + self.cls_weight * logits.sigmoid()[:, labels].T
+        """S [G, Q] for one image: logits [Q, K], boxes [Q, 4] and gt_boxes [G, 4] cxcywh, labels [G].
+
+        Computed [Q, G] and transposed (a view), like the official matrix, so that reductions over it
+        break ties identically.
+        """
+        iou = box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))[0]
+        return (self.iou_weight * iou + self.cls_weight * logits.sigmoid()[:, labels]).T
+
+    def sample_positives(self, positive: Tensor) -> Tensor:
+        """Step 2: the kept positive query indices [P'] from positive [Q] bool; draws two global permutations."""
+        pos_idx = positive.nonzero().squeeze(1)
+        num_neg = positive.numel() - pos_idx.numel()
+        cap = min(pos_idx.numel(), int(positive.numel() * self.positive_fraction))
+        keep = torch.randperm(pos_idx.numel(), device=positive.device)[:cap]
+        torch.randperm(num_neg, device=positive.device)  # the official negatives' draw: only advances the RNG
+        return pos_idx[keep]
 
     def assign(self, quality: Tensor) -> tuple[Tensor, Tensor]:
-        """(query indices, GT indices) from a quality matrix [G, Q], sorted by quality ascending."""
+        """(query indices, GT indices) from a quality matrix [G, Q], in the official order (see the class)."""
         num_gt, num_queries = quality.shape
+        if num_gt == 0:
+            self.sample_positives(torch.zeros(num_queries, dtype=torch.bool, device=quality.device))
+            empty = torch.empty(0, dtype=torch.int64, device=quality.device)
+            return empty, empty
         best_val, best_gt = quality.max(0)
         positive = best_val >= self.threshold
-        positive[quality.argmax(1)] = True
-        pos_idx = positive.nonzero().squeeze(1)
-        cap = int(self.positive_fraction * num_queries)
-        if pos_idx.numel() > cap:
-            keep = torch.randperm(pos_idx.numel(), generator=self.generator)[:cap].to(pos_idx.device)
-            pos_idx = pos_idx[keep]
-        counts = torch.bincount(best_gt[pos_idx], minlength=num_gt).clamp(min=1)
-        k = min(self.k, num_queries)
-        top_queries = quality.topk(k, dim=1).indices  # [G, k], best first
-        keep = torch.arange(k, device=quality.device)[None] < counts[:, None]
-        query_idx = top_queries[keep]
-        gt_idx = torch.arange(num_gt, device=quality.device)[:, None].expand(-1, k)[keep]
-        order = quality[gt_idx, query_idx].argsort(stable=True)
-        return query_idx[order], gt_idx[order]
+        positive[quality.topk(1, dim=1).indices.flatten()] = True
+        counts = torch.bincount(best_gt[self.sample_positives(positive)], minlength=num_gt)
+        if self.keep_best_query:
+            counts = counts.clamp(min=1)
+        gt_ids = counts.nonzero().squeeze(1)
+        scores, queries = quality[gt_ids].topk(min(self.k, num_queries), dim=1)  # [G', k], best first
+        keep = torch.arange(scores.shape[1], device=quality.device)[None] < counts[gt_ids, None]
+        scores, queries, gt_idx = scores[keep], queries[keep], gt_ids[:, None].expand_as(keep)[keep]
+        order = scores.argsort()
+        return queries[order], gt_idx[order]
 
     @torch.no_grad()
     def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
         """Per image (query indices, target indices), int64; a query may appear for several targets."""
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-        indices = []
-        for b, t in enumerate(targets):
-            if len(t["labels"]) == 0:
-                empty = torch.empty(0, dtype=torch.int64, device=logits.device)
-                indices.append((empty, empty))
-                continue
-            indices.append(self.assign(self.quality(logits[b], boxes[b], t["labels"], t["boxes"].float())))
-        return indices
+        return [self.assign(self.quality(logits[b], boxes[b], t["labels"], t["boxes"].float()))
+                for b, t in enumerate(targets)]
 
 
 @register_addon("ms_detr")
@@ -118,18 +134,22 @@ class MixedSupervision(AddOn):
     """MS-DETR: one-to-many losses (suffix ``_o2m``) on the auxiliary-FFN outputs of every decoder layer.
 
     The loss is normalised by the ground-truth count (as the official code), not by the number of pairs.
+    Evaluation makes no one-to-many outputs (the layer skips that branch), hence no o2m losses.
 
     Args:
         assigner: the one-to-many assigner.
         coefs: {loss_ce, loss_bbox, loss_giou} coefficients of the o2m losses.
+        anchor_matcher: assigner of the encoder proposals on Deformable-DETR two-stage hosts
+            (default: ``AnchorMatcher()``, the official one).
     """
 
     name = "ms_detr"
     order = 30
 
-    def __init__(self, assigner: OneToManyAssigner, coefs: Mapping[str, float]) -> None:
+    def __init__(self, assigner: OneToManyAssigner, coefs: Mapping[str, float],
+                 anchor_matcher: AnchorMatcher | None = None) -> None:
         self.assigner, self.coefs = assigner, dict(coefs)
-        self.anchor_matcher = AnchorMatcher()
+        self.anchor_matcher = anchor_matcher or AnchorMatcher()
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -143,6 +163,14 @@ class MixedSupervision(AddOn):
         g.add_argument("--o2m_cls_loss_coef", default=2.0, type=float)
         g.add_argument("--o2m_bbox_loss_coef", default=5.0, type=float)
         g.add_argument("--o2m_giou_loss_coef", default=2.0, type=float)
+        g.add_argument("--o2m_keep_best_query", action="store_true",
+                       help="deliberate fix: every ground truth keeps at least its best query in the one-to-many "
+                            "assignment (officially a GT whose best query prefers another GT, or whose positives "
+                            "the random cap drops, gets none)")
+        g.add_argument("--enc_match_valid_anchors_only", action="store_true",
+                       help="deliberate fix: the encoder proposals' anchor matching takes invalid (padded or "
+                            "border) tokens only when there are fewer valid ones than ground truths (officially "
+                            "any token may be matched; an invalid token's anchor is the box (1, 1, 1, 1))")
 
     @classmethod
     def enabled(cls, args: argparse.Namespace) -> bool:
@@ -160,18 +188,21 @@ class MixedSupervision(AddOn):
             raise ValueError(f"model {args.model!r} was built without MS-DETR's decoder layer "
                              f"(its builder ignores ModelOptions.decoder_layer); use -m deformable_detr, "
                              f"dab_deformable_detr or dino")
-        assigner = OneToManyAssigner(args.o2m_matcher_threshold, args.o2m_matcher_k, seed=args.seed + get_rank())
+        assigner = OneToManyAssigner(args.o2m_matcher_threshold, args.o2m_matcher_k,
+                                     keep_best_query=args.o2m_keep_best_query)
+        anchor_matcher = AnchorMatcher(args.set_cost_bbox, args.set_cost_giou, args.enc_match_valid_anchors_only)
         return cls(assigner, {"loss_ce": args.o2m_cls_loss_coef, "loss_bbox": args.o2m_bbox_loss_coef,
-                              "loss_giou": args.o2m_giou_loss_coef})
+                              "loss_giou": args.o2m_giou_loss_coef}, anchor_matcher)
 
     def loss_specs(self, main: LossSpec) -> list[LossSpec]:
         return [LossSpec(SUFFIX, main.num_aux_layers, self.coefs)]
 
     def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:
-        if "o2m_outputs" not in outputs:
-            raise KeyError("MS-DETR needs a model whose decoder makes one-to-many features (o2m_outputs); "
-                           "this model was built without MS-DETR's decoder layer")
-        return [LossGroup(SUFFIX, outputs["o2m_outputs"], targets, matcher=self.assigner)]
+        """The o2m group on every decoder layer (last first, then aux 0..L-2, as the official criterion);
+        none in evaluation (no ``o2m_outputs``). The last layer logs ``class_error_o2m`` as the official code."""
+        if "o2m_outputs" not in outputs:  # evaluation; from_args made sure the model has MS-DETR's layer
+            return []
+        return [LossGroup(SUFFIX, outputs["o2m_outputs"], targets, matcher=self.assigner, log=True)]
 
     def encoder_matcher(self, enc_outputs: Mapping[str, Any]) -> AnchorMatcher | None:
         """Deformable-DETR hosts (proposals on every token): match on the anchors, as MS-DETR always does.
@@ -179,8 +210,9 @@ class MixedSupervision(AddOn):
         return self.anchor_matcher if "anchors" in enc_outputs else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.assigner.generator.get_state()}
+        """Nothing: the assigner draws on the global generator, which checkpoints already save."""
+        return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "generator" in state:
-            self.assigner.generator.set_state(state["generator"])
+        """Accepts any earlier state (checkpoints of the private-generator assigner hold a "generator")."""
+        del state

@@ -39,36 +39,43 @@ def test_top_k_per_ground_truth():
     assert _pairs(q, g) == [(6, 0), (7, 0)]
 
 
-def test_positive_cap_and_deterministic_subsampling():
+def test_positive_cap_is_a_draw_of_the_global_generator():
     # 8 queries, all positive: 0-3 prefer GT 0, 4-7 prefer GT 1; the cap keeps floor(0.25 * 8) = 2.
     s = torch.zeros(2, 8)
     s[0, :4] = torch.tensor([0.9, 0.8, 0.7, 0.6])
     s[1, 4:] = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    runs = [OneToManyAssigner(threshold=0.4, k=6, seed=3).assign(s) for _ in range(2)]
-    assert _pairs(*runs[0]) == _pairs(*runs[1])  # same seed, same draw
-    q, g = runs[0]
-    assert len(q) <= 2 + 1  # capped positives, plus at most the best query of a GT left without any
-    assert {0, 4} <= set(q.tolist())  # every GT keeps its best query
-    draws = {tuple(q.tolist()) for q, _ in (OneToManyAssigner(k=6, seed=i).assign(s) for i in range(20))}
+    assigner = OneToManyAssigner(threshold=0.4, k=6)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(_pairs(*assigner.assign(s)))
+    assert runs[0] == runs[1] and len(runs[0]) == 2  # same global seed, same draw; 2 kept positives -> 2 pairs
+    draws = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        draws.add(tuple(_pairs(*assigner.assign(s))))
     assert len(draws) > 1  # the cap is a random draw, not a fixed rule
+    # both kept positives may prefer one GT, which then gets its 2 best queries and the other GT none
+    assert ((1, 0), (0, 0)) in draws and ((5, 1), (4, 1)) in draws
 
 
-def test_every_ground_truth_gets_its_best_query():
-    # Query 0 is the best query of both GTs but prefers GT 0; GT 1 must still get it (the official code drops GT 1).
+def test_a_ground_truth_whose_best_query_prefers_another_gets_none():
+    # Query 0 is the best query of both GTs but prefers GT 0: officially GT 1 gets no query.
     s = torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.1, 0.05]])
-    q, g = OneToManyAssigner(threshold=0.4, k=6, positive_fraction=1.0).assign(s)
-    pairs = _pairs(q, g)
-    assert (0, 0) in pairs and (0, 1) in pairs
-    assert pairs[-1] == (0, 0)  # the higher-quality pair is last: it sets query 0's class target
+    assert _pairs(*OneToManyAssigner(threshold=0.4, k=6, positive_fraction=1.0).assign(s)) == [(0, 0)]
+    # --o2m_keep_best_query: GT 1 keeps its best query; the higher-quality pair is last (query 0's class target)
+    q, g = OneToManyAssigner(threshold=0.4, k=6, positive_fraction=1.0, keep_best_query=True).assign(s)
+    assert _pairs(q, g) == [(0, 1), (0, 0)]
 
 
 def test_empty_targets_and_fewer_queries_than_k():
     assigner = OneToManyAssigner(k=6)
-    outputs = {"pred_logits": torch.randn(2, 3, 5), "pred_boxes": torch.rand(2, 3, 4) * 0.5 + 0.25}
+    outputs = {"pred_logits": torch.randn(2, 5, 5), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.25}
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
                {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
     (q0, g0), (q1, g1) = assigner(outputs, targets)
-    assert 1 <= len(q0) <= 3 and (g0 == 0).all() and len(q1) == len(g1) == 0
+    # cap floor(0.25 * 5) = 1 kept positive; k = 6 > Q = 5 is capped at Q (the official code fails there)
+    assert len(q0) == 1 and (g0 == 0).all() and len(q1) == len(g1) == 0
 
 
 def test_class_target_of_a_duplicated_query_is_its_last_pair():
@@ -85,7 +92,7 @@ def test_class_target_of_a_duplicated_query_is_its_last_pair():
 # ---------------------------------------------------------------------------------------------- model
 def test_layer_order_is_cross_self_ffn():
     torch.manual_seed(0)
-    layer = MSDETRDecoderLayer(32, 64, 0.0, n_levels=1, n_heads=4, n_points=2, use_aux_ffn=True).eval()
+    layer = MSDETRDecoderLayer(32, 64, 0.0, n_levels=1, n_heads=4, n_points=2, use_aux_ffn=True).train()
     tgt, pos = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     ref, src = torch.rand(2, 5, 1, 2), torch.randn(2, 16, 32)
     shapes, start = torch.tensor([[4, 4]]), torch.tensor([0])
@@ -94,6 +101,8 @@ def test_layer_order_is_cross_self_ffn():
     torch.testing.assert_close(o2m, layer.norm4(x + layer.linear4(torch.relu(layer.linear3(x)))))
     x = layer.norm2(x + layer.self_attn(x + pos, x + pos, x, need_weights=False)[0])
     torch.testing.assert_close(out, layer.norm3(x + layer.linear2(torch.relu(layer.linear1(x)))))
+    out_eval, o2m_eval = layer.eval()(tgt, pos, ref, src, shapes, start)  # evaluation skips the o2m branch
+    assert o2m_eval is None and torch.equal(out_eval, out)
 
 
 def test_official_ms_detr_checkpoint_names_load_strictly():
@@ -131,8 +140,8 @@ def test_training_step_every_parameter_gets_a_gradient(variant, batch):
 
 
 def test_predictions_do_not_depend_on_the_aux_ffn(batch):
-    model, _, _ = build_model(tiny_args("--with_box_refine", "--two_stage", *MS))
-    model.eval()
+    model, _, _ = build_model(tiny_args("--with_box_refine", "--two_stage", "--dropout", "0", *MS))
+    model.train()  # evaluation makes no one-to-many outputs; dropout 0 keeps both forwards identical
     images, _ = batch
     with torch.no_grad():
         a = model(nested_tensor_from_tensor_list(images))
@@ -156,17 +165,19 @@ def test_flags_are_wired():
     assert (w["loss_ce"], w["loss_ce_enc"], w["loss_bbox_enc"]) == (1, 2, 5)
 
 
-def test_subsampling_generator_is_checkpointed():
+def test_no_private_generator_and_old_checkpoints_load():
     _, criterion, _ = build_model(tiny_args(*MS))
     (addon,) = criterion.addons
-    state = addon.state_dict()
-    s = torch.rand(3, 40) * 0.5 + 0.5  # 40 positives, cap 10: a random draw
-    first = addon.assigner.assign(s)
-    addon.load_state_dict(state)
-    assert _pairs(*addon.assigner.assign(s)) == _pairs(*first)
+    assert addon.state_dict() == {} and not hasattr(addon.assigner, "generator")
+    addon.load_state_dict({"generator": torch.Generator().get_state()})  # a checkpoint of the former assigner
+    s = torch.rand(3, 40) * 0.5 + 0.5  # 40 positives, cap 10: a random draw, replayed by the global seed
+    torch.manual_seed(5)
+    first = _pairs(*addon.assigner.assign(s))
+    torch.manual_seed(5)
+    assert _pairs(*addon.assigner.assign(s)) == first
 
 
-def test_anchor_matcher_matches_fixed_anchors_and_skips_invalid_tokens():
+def test_anchor_matcher_matches_fixed_anchors_and_invalid_tokens_only_with_the_flag():
     from models.criterion.ms_detr import AnchorMatcher
 
     anchors = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.1, 0.1]]])
@@ -174,13 +185,13 @@ def test_anchor_matcher_matches_fixed_anchors_and_skips_invalid_tokens():
     logits = torch.randn(1, 4, 3) * 10  # the class cost is 0: logits play no part
     boxes = torch.tensor([[0.72, 0.68, 0.2, 0.2], [0.95, 0.95, 0.9, 0.9]])
     targets = [{"labels": torch.tensor([0, 2]), "boxes": boxes}]
-    matcher = AnchorMatcher()
-    (q, g), = matcher({"pred_logits": logits, "pred_boxes": torch.rand(1, 4, 4), "anchors": anchors,
-                       "anchor_valid": valid}, targets)
-    assert sorted(zip(g.tolist(), q.tolist())) == [(0, 1), (1, 3)]
-    # GT 1 is closest to the invalid border anchor 2, which an unmasked matcher would take
-    (q, g), = matcher.hungarian({"pred_logits": logits, "pred_boxes": anchors}, targets)
+    enc = {"pred_logits": logits, "pred_boxes": torch.rand(1, 4, 4), "anchors": anchors, "anchor_valid": valid}
+    # official: GT 1 is closest to the invalid border anchor 2 (the box (1, 1, 1, 1)), and takes it
+    (q, g), = AnchorMatcher()(enc, targets)
     assert sorted(zip(g.tolist(), q.tolist())) == [(0, 1), (1, 2)]
+    # --enc_match_valid_anchors_only: invalid tokens are left out while there are enough valid ones
+    (q, g), = AnchorMatcher(valid_only=True)(enc, targets)
+    assert sorted(zip(g.tolist(), q.tolist())) == [(0, 1), (1, 3)]
 
 
 def test_encoder_proposals_are_matched_on_anchors(batch):
@@ -193,8 +204,8 @@ def test_encoder_proposals_are_matched_on_anchors(batch):
     assert group.matcher is criterion.addons[0].anchor_matcher
     (q, _), _ = group.matcher(enc, targets)
     expected = criterion.addons[0].anchor_matcher.hungarian(
-        {"pred_logits": enc["pred_logits"], "pred_boxes": enc["anchors"], "valid": enc["anchor_valid"]}, targets)
-    assert torch.equal(q, expected[0][0]) and enc["anchor_valid"][0, q].all()
+        {"pred_logits": enc["pred_logits"], "pred_boxes": enc["anchors"]}, targets)
+    assert torch.equal(q, expected[0][0])
     # without MS-DETR the encoder proposals keep the main Hungarian matcher on the predicted boxes
     _, plain, _ = build_model(tiny_args("--with_box_refine", "--two_stage"))
     assert [g.matcher for g in plain.main_groups(out, targets) if g.suffix == "enc"] == [None]
