@@ -4,14 +4,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from functools import partial
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from datasets.coco_eval import CocoEvaluator
-from models.criterion import AddOn, StepContext
+from models.criterion import AddOn, StepContext, query_providers
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import reduce_dict
 
@@ -38,7 +37,8 @@ def to_device(samples: Any, targets: Sequence[dict], device: torch.device) -> tu
 
 
 def _query_providers(addons: Sequence[AddOn], ctx: StepContext) -> list:
-    return [partial(a.query_group, ctx=ctx) for a in addons if type(a).query_group is not AddOn.query_group]
+    """Kept for scripts and tests that drive the query groups by hand (models/criterion/base.py)."""
+    return query_providers(addons, ctx)
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -70,9 +70,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             break
         samples, targets = to_device(samples, targets, device)
         ctx = StepContext(targets, epoch, global_step + i)
-        providers = _query_providers(addons, ctx)
         with autocast(device, amp, amp_dtype):
-            outputs = model(samples, providers=providers) if providers else model(samples)
+            # The official calling convention: in training mode the model runs the query groups of the
+            # add-ons it was built with (denoising needs the targets), and the criterion their losses.
+            outputs = model(samples, targets)
         loss_dict = criterion(outputs, targets)  # losses are computed in fp32
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 

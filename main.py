@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import datasets
 from datasets.seeded import SeededDataset
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
-from util.args import finalize_args, get_args_parser
+from util.args import FlagError, describe_model_defaults, finalize_args, get_args_parser, validate_args
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
 from util.logger import setup_logging
 from util.misc import all_gather_object, collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -76,21 +77,12 @@ def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[Data
     return loader_train, loader_val, sampler_train
 
 
-# Official names of parameters that live elsewhere here: DN-DETR's and DINO's label table is the
-# denoising add-on's (models/criterion/denoising.py).
-LEGACY_KEYS = {"label_enc.weight": "addons.dn.label_enc.weight"}
-
-
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict non-strictly (as official --resume), reporting what did not match.
 
-    Official keys in ``LEGACY_KEYS`` are renamed when the model has the new name and the state lacks it.
+    Official names this project keeps elsewhere are mapped by the model's own load hooks
+    (models/addon_builder.py), so official checkpoints also load with a plain strict load_state_dict.
     """
-    own = model.state_dict()
-    state = dict(state)
-    for old, new in LEGACY_KEYS.items():
-        if old in state and new in own and new not in state:
-            state[new] = state.pop(old)
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.endswith(("total_params", "total_ops"))]
     if missing:
@@ -209,7 +201,12 @@ def reconcile_log(args: Any, ckpt: dict, evaluate_fn: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run training (or --eval). Returns the last epoch's log entry."""
+    """Run training (or --eval). Returns the last epoch's log entry.
+
+    Raises:
+        FlagError: an impossible flag value or combination (util/args.py ``validate_args``), before anything is built.
+    """
+    validate_args(args)
     init_distributed_mode(args)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -228,6 +225,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_classes is None:
         args.num_classes = datasets.num_classes_for(args, dataset_train)
     logger.info("args: %s", json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    logger.info("%s", describe_model_defaults(args))
 
     model, criterion, postprocessors = build_model(args)
     model.to(device)
@@ -294,10 +292,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """Command-line entry: a non-finite-loss stop exits with status 1 and a message, not a traceback."""
+    """Command-line entry: an impossible flag exits with status 2 and a one-line message (as argparse's own
+    errors), a non-finite-loss stop with status 1 and a message; neither with a traceback."""
     args = finalize_args(get_args_parser().parse_args())
     try:
         main(args)
+    except FlagError as e:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {e}\n")
+        raise SystemExit(2) from None
     except NonFiniteLossError as e:
         logger.error("training stopped: %s", e)
         raise SystemExit(1) from None

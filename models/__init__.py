@@ -1,6 +1,7 @@
 """Model zoo: ``build_model(args) -> (model, criterion, postprocessors)`` via the registry."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -8,7 +9,20 @@ from torch import nn
 from . import dab_deformable_detr, deformable_detr, dino  # noqa: F401  (register the models)
 from .registry import ADDONS, MODELS, register_addon, register_model  # noqa: F401
 
+# Class logits when --num_classes is not given and no annotation file was read (main.py reads the file):
+# the official rule for COCO (max category id + 1 = 91); the synthetic set's ids are 1..5.
+DEFAULT_NUM_CLASSES = {"coco": 91, "synthetic": 6}
+
 
 def build_model(args: Any) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
-    """Build ``MODELS[args.model]`` with its criterion and post-processors."""
+    """Build ``MODELS[args.model]`` with its criterion and post-processors from parsed flags alone.
+
+    ``args`` is what ``main.get_args_parser().parse_args(flags)`` returns; nothing else is needed (no data).
+    An unset ``--num_classes`` follows the official rule of ``--dataset_file`` (COCO: 91 logits).
+    """
+    if getattr(args, "num_classes", None) is None:
+        if args.dataset_file not in DEFAULT_NUM_CLASSES:
+            raise ValueError(f"--num_classes is needed for --dataset_file {args.dataset_file!r}")
+        args = copy.copy(args)
+        args.num_classes = DEFAULT_NUM_CLASSES[args.dataset_file]
     return MODELS.get(args.model)(args)

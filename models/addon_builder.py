@@ -19,12 +19,31 @@ def enabled_addons(args: Any) -> list[type[AddOn]]:
     return sorted(classes, key=lambda c: (c.order, c.name))
 
 
+# The label table of denoising lives in the host where the official model has it (DINO, DN-DETR: top-level
+# ``label_enc``) and in the add-on otherwise; checkpoints written with the other layout load either way.
+LABEL_TABLE_NAMES = ("label_enc.weight", "addons.dn.label_enc.weight")
+
+
+def _label_table_hook(own: str, other: str):
+    def hook(state_dict, prefix, *_):
+        if prefix + other in state_dict and prefix + own not in state_dict:
+            state_dict[prefix + own] = state_dict.pop(prefix + other)
+    return hook
+
+
 def build_addons(args: Any, model: nn.Module) -> list[AddOn]:
     """Build the enabled add-ons; their parameters go under ``model.addons[name]`` (only if any)."""
     addons = [cls.from_args(args, model) for cls in enabled_addons(args)]
     modules = {a.name: a.module() for a in addons if a.module() is not None}
     if modules:
         model.addons = nn.ModuleDict(modules)
+    # The model runs their query groups itself in training mode (the official calling convention);
+    # a plain tuple, so neither state_dict nor DDP sees the add-on objects.
+    model.train_addons = tuple(addons)
+    names = model.state_dict().keys()
+    for own, other in (LABEL_TABLE_NAMES, LABEL_TABLE_NAMES[::-1]):
+        if own in names and other not in names:
+            model._register_load_state_dict_pre_hook(_label_table_hook(own, other))
     return addons
 
 

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from .anchor_transformer import AnchorDeformableTransformer, AnchorTransformerOutput, with_indicator
+from .anchor_transformer import ANCHOR_EPS, AnchorDeformableTransformer, AnchorTransformerOutput, with_indicator
 from .backbone import Joiner
+from .criterion import StepContext, query_providers
 from .deformable_detr import MLP, DeformableDETR
 from .deformable_transformer import refine_boxes
 from .query_groups import EncoderOutput, QueryProvider
@@ -31,7 +32,11 @@ class AnchorDeformableDETR(nn.Module):
         num_queries: Q.
         num_feature_levels: L.
         aux_loss: return the predictions of every decoder layer.
-        share_heads: one class head and one box head for every decoder layer (DINO); else one per layer (DAB).
+        share_class_head, share_box_head: one class head / one box head for every decoder layer (DINO's
+            ``dec_pred_class_embed_share``/``dec_pred_bbox_embed_share``); else one per layer (DAB).
+        box_bias_quirk: DAB-Deformable-DETR: only the first layer's box head starts with a (w, h) bias of -2.
+        label_table: rows of the host-owned label embedding ``label_enc`` (DINO: K + 1 rows, kept even
+            without denoising; DN-DETR: K + 1 rows, C-1 wide); 0: none (the denoising add-on then owns one).
         random_refpoints_xy: DAB's "fixxy" initialisation: anchor centres uniform in [0, 1]. As in the
             original they keep training (spec P2: the original's freeze is a no-op).
         content_indicator: one-stage: DN-DETR's indicator bit (``tgt_embed`` is C-1 wide, the content
@@ -47,9 +52,9 @@ class AnchorDeformableDETR(nn.Module):
     supports_anchor_groups = True
 
     def __init__(self, backbone: Joiner, transformer: AnchorDeformableTransformer, num_classes: int,
-                 num_queries: int, num_feature_levels: int, aux_loss: bool = True, share_heads: bool = False,
-                 random_refpoints_xy: bool = False, num_extra_queries: int = 0,
-                 content_indicator: bool = False) -> None:
+                 num_queries: int, num_feature_levels: int, aux_loss: bool = True, share_class_head: bool = False,
+                 share_box_head: bool = False, box_bias_quirk: bool = True, random_refpoints_xy: bool = False,
+                 num_extra_queries: int = 0, content_indicator: bool = False, label_table: int = 0) -> None:
         super().__init__()
         self.num_queries, self.num_extra_queries = num_queries, num_extra_queries
         self.transformer = transformer
@@ -76,13 +81,18 @@ class AnchorDeformableDETR(nn.Module):
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
         num_dec = transformer.decoder.num_layers
-        if share_heads:
+        if share_class_head:
             self.class_embed = nn.ModuleList([class_embed] * num_dec)
-            self.bbox_embed = nn.ModuleList([bbox_embed] * num_dec)
         else:
             self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_dec))
+        if share_box_head:
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_dec)
+        else:
             self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_dec))
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)  # DAB-Deformable quirk (head 0 only)
+            if box_bias_quirk:
+                nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)  # DAB-Deformable (head 0 only)
+        # Official name and place (DINO, DN-DETR); the denoising add-on uses it.
+        self.label_enc = nn.Embedding(label_table, hidden_dim - int(self.content_indicator)) if label_table else None
         self.transformer.decoder.bbox_embed = self.bbox_embed
         if self.two_stage:  # DINO: the decoder aliases the class heads too; separate copies score the proposals
             self.transformer.decoder.class_embed = self.class_embed
@@ -91,12 +101,18 @@ class AnchorDeformableDETR(nn.Module):
 
     _pyramid = DeformableDETR._pyramid  # backbone -> projected multi-scale features, masks, positions
 
-    def forward(self, samples: NestedTensor | Sequence[Tensor], providers: Sequence[QueryProvider] = ()) -> dict:
+    train_addons: tuple = ()  # the add-ons the model was built with (models/addon_builder.py)
+
+    def forward(self, samples: NestedTensor | Sequence[Tensor], targets: Sequence[dict] | None = None,
+                providers: Sequence[QueryProvider] | None = None) -> dict:
         """Detect objects.
 
         Args:
             samples: a NestedTensor (images [B, 3, H, W] + padding mask [B, H, W]) or a list of [3, H, W].
-            providers: training-time query-group providers of the add-ons (models/query_groups.py).
+            targets: per image ``labels`` and ``boxes`` (training only: what denoising noises, as in
+                DN-DETR's and DINO's ``model(samples, targets)``).
+            providers: query-group providers to use instead of the add-ons' (None: in training mode, every
+                enabled add-on's groups, as the official models; in evaluation mode none).
 
         Returns:
             dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised cxcywh),
@@ -106,6 +122,8 @@ class AnchorDeformableDETR(nn.Module):
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
+        if providers is None:
+            providers = query_providers(self.train_addons, StepContext(targets)) if self.training else ()
         srcs, masks, pos = self._pyramid(samples)
         if self.two_stage:
             heads = (self.transformer.enc_out_class_embed, self.transformer.enc_out_bbox_embed)
@@ -139,14 +157,18 @@ class AnchorDeformableDETR(nn.Module):
     def predict(self, hs: Tensor, references: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-layer class logits and sigmoid boxes of features hs [L, B, T, C] relative to anchors [L, B, T, 4]."""
         logits = [self.class_embed[lvl](hs[lvl]) for lvl in range(hs.shape[0])]
-        boxes = [refine_boxes(self.bbox_embed[lvl](hs[lvl]), references[lvl]) for lvl in range(hs.shape[0])]
+        boxes = [refine_boxes(self.bbox_embed[lvl](hs[lvl]), references[lvl], eps=ANCHOR_EPS)
+                 for lvl in range(hs.shape[0])]
         return logits, boxes
 
     def format_outputs(self, out: AnchorTransformerOutput) -> dict[str, Any]:
         """Per-layer predictions, split into the main queries and each group."""
         dec = out.decoder
         sizes = [out.num_queries] + [g.size for g in out.groups]
-        logits, boxes = self.predict(dec.hs, dec.pred_references)
+        hs = dec.hs
+        if self.label_enc is not None:  # as DINO: keeps the label table in the graph (DDP) when nothing uses it
+            hs = torch.cat([hs[:1] + self.label_enc.weight[0, 0] * 0.0, hs[1:]])
+        logits, boxes = self.predict(hs, dec.pred_references)
         split_logits = [torch.split(x, sizes, 1) for x in logits]
         split_boxes = [torch.split(x, sizes, 1) for x in boxes]
         result: dict[str, Any] = {}

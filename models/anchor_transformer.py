@@ -29,6 +29,8 @@ from .deformable_transformer import (
 from .ops import MSDeformAttn
 from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask
 
+ANCHOR_EPS = 1e-3  # clamp of the inverse sigmoid in DAB-DETR, DN-DETR and DINO (Deformable-DETR: 1e-5)
+
 
 def sine_embed_boxes(boxes: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
     """[..., 4] (cx, cy, w, h) in [0, 1] -> [..., 2 * d_model] sine embedding ordered (y, x, w, h) (spec §0.3)."""
@@ -114,7 +116,7 @@ class AnchorDeformableDecoder(nn.Module):
             if o2m is not None:
                 o2m_hs.append(o2m if self.norm is None else self.norm(o2m))
             pred_refs.append(pred_reference if self.look_forward_twice else reference)
-            new_reference = refine_boxes(self.bbox_embed[lid](output), reference)
+            new_reference = refine_boxes(self.bbox_embed[lid](output), reference, eps=ANCHOR_EPS)
             pred_reference = new_reference  # undetached: used by the next layer's prediction with LFT
             reference = new_reference.detach()
         return AnchorDecoderOutput(torch.stack(hs), torch.stack(pred_refs), torch.stack(o2m_hs) if o2m_hs else None)
@@ -147,6 +149,8 @@ class AnchorDeformableTransformer(nn.Module):
             layer, asked for by its add-on); None = the standard layer.
         content_indicator: two-stage: DN-DETR's indicator bit; ``tgt_embed`` is C-1 wide and the content
             queries end in a 0 channel (denoising queries end in 1).
+        mask_invalid_proposals: two-stage: padded and border tokens are never selected (DINO's top-k ranks
+            every token, spec P14).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
@@ -155,9 +159,10 @@ class AnchorDeformableTransformer(nn.Module):
                  two_stage: bool = False, conditional_scale: bool = False, final_norm: bool = False,
                  look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto",
                  num_extra_queries: int = 0, decoder_layer: Callable[..., nn.Module] | None = None,
-                 content_indicator: bool = False) -> None:
+                 content_indicator: bool = False, mask_invalid_proposals: bool = False) -> None:
         super().__init__()
         self.d_model, self.nhead, self.two_stage = d_model, nhead, two_stage
+        self.mask_invalid_proposals = mask_invalid_proposals
         self.num_queries = num_queries
         self.content_indicator = content_indicator and two_stage
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
@@ -206,6 +211,13 @@ class AnchorDeformableTransformer(nn.Module):
         output_memory, output_proposals, _ = self.gen_encoder_output_proposals(memory, mask_flatten, shapes)
         return enc_heads[0](output_memory), enc_heads[1](output_memory) + output_proposals
 
+    def rank_proposals(self, scores: Tensor, k: int) -> Tensor:
+        """Indices [B, k] of the k best tokens by ``scores`` [B, S], best first (DINO: max class logit).
+
+        Near-equal scores (float noise, ~1e-6) may rank differently on another machine, as in any top-k.
+        """
+        return torch.topk(scores, k, dim=1)[1]
+
     def proposal_queries(self, enc_logits: Tensor, enc_coord_unact: Tensor, start: int,
                          count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """DINO mixed query selection of the proposals ranked start .. start+count-1 by their best class logit.
@@ -214,11 +226,11 @@ class AnchorDeformableTransformer(nn.Module):
             content [B, N, C] (rows start.. of ``tgt_embed``), anchors [B, N, 4] (sigmoid, detached), and
             the selected proposals' logits [B, N, K] and boxes before sigmoid [B, N, 4] (with gradient).
         """
-        # Invalid (padded or border) tokens never become queries (the official code may pick them, P14).
-        valid = torch.isfinite(enc_coord_unact).all(-1)
-        scores = enc_logits.max(-1)[0].masked_fill(~valid, float("-inf"))
+        scores = enc_logits.max(-1)[0]
+        if self.mask_invalid_proposals:  # the official top-k may pick padded/border tokens (box 1, 1, 1, 1; P14)
+            scores = scores.masked_fill(~torch.isfinite(enc_coord_unact).all(-1), float("-inf"))
         end = min(start + count, scores.shape[1])
-        topk_idx = torch.topk(scores, end, dim=1)[1][:, start:]
+        topk_idx = self.rank_proposals(scores, end)[:, start:]
         coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4))
         logits = torch.gather(enc_logits, 1, topk_idx.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
         tgt = with_indicator(self.tgt_embed.weight[start:end], self.content_indicator)

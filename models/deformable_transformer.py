@@ -24,29 +24,34 @@ from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
 
 
-def refine_boxes(delta: Tensor, reference: Tensor, activate: bool = True) -> Tensor:
+def refine_boxes(delta: Tensor, reference: Tensor, activate: bool = True, eps: float = 1e-5) -> Tensor:
     """delta + inverse_sigmoid(reference), optionally through the sigmoid.
 
     For 2-d references (one-stage, first layer) only (cx, cy) are offset; (w, h) come from delta.
+    ``eps`` is the clamp of the inverse sigmoid: 1e-5 in Deformable-DETR, 1e-3 in DAB/DN-DETR/DINO.
     """
     if reference.shape[-1] == 4:
-        out = delta + inverse_sigmoid(reference)
+        out = delta + inverse_sigmoid(reference, eps)
     else:
-        out = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)
+        out = torch.cat([delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]], -1)
     return out.sigmoid() if activate else out
 
 
-def top_proposals(enc_logits: Tensor, enc_coord_unact: Tensor, valid: Tensor, k: int) -> Tensor:
+def top_proposals(enc_logits: Tensor, enc_coord_unact: Tensor, valid: Tensor | None, k: int) -> Tensor:
     """The k best encoder proposals by their first class logit, best first (two-stage query selection).
 
     Args:
-        enc_logits: [B, S, K]; enc_coord_unact: [B, S, 4] before sigmoid; valid: [B, S] bool.
+        enc_logits: [B, S, K]; enc_coord_unact: [B, S, 4] before sigmoid.
+        valid: [B, S] bool: only valid (unpadded, inside the border) tokens may outrank valid ones
+            (``--mask_invalid_proposals``); None ranks every token as the official code does
+            (padded and border tokens have the box (1, 1, 1, 1) and can be selected).
 
     Returns:
-        [B, min(k, S), 4] detached proposal boxes before sigmoid. Invalid (padded or border) positions
-        never outrank a valid one.
+        [B, min(k, S), 4] detached proposal boxes before sigmoid (the official code fails for k > S).
     """
-    scores = enc_logits[..., 0].masked_fill(~valid, float("-inf"))
+    scores = enc_logits[..., 0]
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
     topk_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)[1]
     return torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).repeat(1, 1, 4)).detach()
 
@@ -148,12 +153,18 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
+    @property
+    def official_dropout_path(self) -> bool:
+        """Self-attention as the official call (attention weights returned) while its dropout is active: on
+        CUDA the fused kernel draws its dropout mask differently; without dropout the fused path is used."""
+        return self.training and self.self_attn.dropout > 0
+
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, src: Tensor,
                 src_spatial_shapes: Tensor, level_start_index: Tensor, src_padding_mask: Tensor | None = None,
                 self_attn_mask: Tensor | None = None) -> Tensor:
         """tgt, query_pos: [B, T, C]; reference_points: [B, T, L, 2|4]; self_attn_mask: [T, T] bool."""
         q = k = _with_pos(tgt, query_pos)
-        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=self.official_dropout_path)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, src_spatial_shapes,
                                level_start_index, src_padding_mask)
@@ -277,6 +288,8 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals: top-k of the proposals (= number of queries).
         mixed_selection: two-stage with learned content queries (H-DETR/DINO "mqs").
         look_forward_twice: box predictions keep the gradient of the previous layer's refinement.
+        mask_invalid_proposals: two-stage: padded and border tokens are never selected (the official
+            top-k ranks every token).
         use_checkpoint: activation checkpointing of every layer (saves memory, costs time).
         msda_impl: deformable-attention implementation ("auto", "pytorch", ...).
         decoder_layer: decoder-layer class (or factory) taking the standard layer's arguments; add-ons
@@ -288,10 +301,11 @@ class DeformableTransformer(nn.Module):
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4, two_stage: bool = False,
                  two_stage_num_proposals: int = 300, mixed_selection: bool = False,
                  look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto",
-                 decoder_layer: Callable[..., nn.Module] | None = None) -> None:
+                 decoder_layer: Callable[..., nn.Module] | None = None, mask_invalid_proposals: bool = False) -> None:
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
         self.two_stage = two_stage
+        self.mask_invalid_proposals = mask_invalid_proposals
         self.two_stage_num_proposals = two_stage_num_proposals
         self.mixed_selection = mixed_selection
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
@@ -456,7 +470,8 @@ class DeformableTransformer(nn.Module):
             output_memory, output_proposals, valid = self.gen_encoder_output_proposals(memory, mask_flatten, shapes)
             enc_logits = enc_heads[0](output_memory)
             enc_coord_unact = enc_heads[1](output_memory) + output_proposals
-            topk_coords_unact = top_proposals(enc_logits, enc_coord_unact, valid, self.two_stage_num_proposals)
+            topk_coords_unact = top_proposals(enc_logits, enc_coord_unact, valid if self.mask_invalid_proposals
+                                              else None, self.two_stage_num_proposals)
             tgt, query_pos, reference_points = self.proposal_queries(
                 topk_coords_unact, query_embed if self.mixed_selection else None)
         else:

@@ -1,58 +1,139 @@
-"""The official Deformable-DETR reference (shared/reference/deformable_plain.pt) is reproduced."""
-import sys
+"""The official implementations' computations (tests/data/reference/) are reproduced.
+
+Each model is built from ``main.get_args_parser().parse_args(ref["flags"])`` alone (no --num_classes,
+no data), the deterministic weights of tests/reference_weights.py load with a strict load_state_dict,
+and outputs (1e-5), every weighted loss term, the post-processed detections and, for training steps,
+the total loss (1e-4) and every parameter's gradient norm (1e-3 relative) match the official code.
+"""
+from __future__ import annotations
+
+import types
 
 import pytest
 import torch
 
+import main
 from models import build_model
 from tests.conftest import ROOT
-from util.args import finalize_args, get_args_parser
+from tests.reference_weights import filled_from_spec
 from util.misc import nested_tensor_from_tensor_list
 
-REF_DIR = ROOT.parent / "shared" / "reference"
-pytestmark = pytest.mark.skipif(not (REF_DIR / "deformable_plain.pt").is_file(), reason="shared/reference missing")
+REF_DIR = ROOT / "tests" / "data" / "reference"
+EVAL_REFS = ["deformable_plain", "deformable_twostage", "dino_4scale"]
+# Official key names of this project's encoder-proposal losses (DINO calls them "interm").
+KEY_NAMES = {"_interm": "_enc"}
+# Relative tolerance of every weighted loss term. DINO's 900 two-stage queries sum more float noise (its
+# GIoU terms differ by up to 5e-6 relative from the official values, the outputs by 5e-6 absolute).
+LOSS_RTOL = {"dino_4scale": 1e-5}
 
 
-@pytest.fixture(scope="module")
-def reproduced():
-    sys.path.insert(0, str(REF_DIR))
-    from fill import filled_from_spec
+def _ours(key: str) -> str:
+    for theirs, ours in KEY_NAMES.items():
+        key = key.replace(theirs, ours)
+    return key
 
-    ref = torch.load(REF_DIR / "deformable_plain.pt", weights_only=True)
-    args = finalize_args(get_args_parser().parse_args(list(ref["flags"]) + ["--device", "cpu"]))
-    args.num_classes = 91  # --dataset_file coco without data
+
+def load_reference(name: str) -> tuple[dict, torch.nn.Module, torch.nn.Module, dict]:
+    ref = torch.load(REF_DIR / f"{name}.pt", weights_only=True)
+    args = main.get_args_parser().parse_args(list(ref["flags"]) + ["--device", "cpu"])
+    assert args.num_classes is None  # the model needs no data to know its 91 COCO logits
     model, criterion, post = build_model(args)
     model.load_state_dict(filled_from_spec(ref["spec"]), strict=True)
-    model.eval()
+    return ref, model, criterion, post
+
+
+def follow_reference_ranking(model: torch.nn.Module, ref: dict, samples) -> int:
+    """Make DINO's top-k follow the official ranking where the two differ only by float noise.
+
+    Two tokens whose scores differ by ~1e-6 (less than the difference between any two CPUs' sums) may
+    rank either way; the official order is recovered by matching each official proposal's 91 logits
+    to our tokens. Returns the number of rank positions whose token differs from our own top-k, after
+    asserting that every such difference is a near-tie.
+    """
+    captured = {}
+    hook = model.transformer.enc_out_class_embed.register_forward_hook(
+        lambda m, i, o: captured.__setitem__("logits", o))
     with torch.no_grad():
-        out = model(nested_tensor_from_tensor_list(ref["images"]))
+        model(samples)
+    hook.remove()
+    logits = captured["logits"]  # [B, S, K] every token's proposal logits
+    theirs = ref["outputs"]["interm_outputs"]["pred_logits"]  # [B, Q, K] the official top-Q, best first
+    order = torch.stack([torch.cdist(theirs[b].double(), logits[b].double()).argmin(1) for b in range(len(logits))])
+    scores = logits.max(-1).values
+    natural = torch.topk(scores, order.shape[1], dim=1)[1]
+    gap = (torch.gather(scores, 1, natural) - torch.gather(scores, 1, order)).abs()
+    assert gap.max() < 1e-5, "the official top-k differs from ours by more than float noise"
+    model.transformer.rank_proposals = types.MethodType(lambda self, s, k: order[:, :k], model.transformer)
+    return int((gap > 0).sum())
+
+
+@pytest.fixture(scope="module", params=EVAL_REFS)
+def evaluated(request):
+    ref, model, criterion, post = load_reference(request.param)
+    model.eval()
+    samples = nested_tensor_from_tensor_list(ref["images"])
+    if request.param == "dino_4scale":
+        # Two pairs of DINO's proposals are near-ties (score gaps of 1.7e-6 and 9.5e-7) that rank the
+        # other way here; everything else follows from the same ranking.
+        assert follow_reference_ranking(model, ref, samples) <= 4
+    with torch.no_grad():
+        out = model(samples)
         losses = criterion(out, ref["targets"])
         results = post["bbox"](out, ref["target_sizes"])
-    return ref, criterion, out, losses, results
+    return request.param, ref, criterion, out, losses, results
 
 
-def test_outputs_match(reproduced):
-    ref, _, out, _, _ = reproduced
+def test_outputs_match(evaluated):
+    _, ref, _, out, _, _ = evaluated
     expected = ref["outputs"]
-    torch.testing.assert_close(out["pred_logits"], expected["pred_logits"], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out["pred_logits"], expected["pred_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-5)
     assert len(out["aux_outputs"]) == len(expected["aux_outputs"]) == 5
     for ours, theirs in zip(out["aux_outputs"], expected["aux_outputs"]):
-        torch.testing.assert_close(ours["pred_logits"], theirs["pred_logits"], rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(ours["pred_logits"], theirs["pred_logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours["pred_boxes"], theirs["pred_boxes"], rtol=1e-5, atol=1e-5)
+    enc = expected.get("enc_outputs", expected.get("interm_outputs"))
+    if enc is not None:
+        torch.testing.assert_close(out["enc_outputs"]["pred_logits"], enc["pred_logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["enc_outputs"]["pred_boxes"], enc["pred_boxes"], rtol=1e-5, atol=1e-5)
 
 
-def test_every_loss_entry_and_weight_dict_match(reproduced):
-    ref, criterion, _, losses, _ = reproduced
-    assert set(losses) == set(ref["losses"])
-    for key, value in ref["losses"].items():
-        assert losses[key].item() == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    assert criterion.weight_dict == ref["weight_dict"]
+def test_every_weighted_loss_term_and_weight_matches(evaluated):
+    name, ref, criterion, _, losses, _ = evaluated
+    rtol = LOSS_RTOL.get(name, 1e-6)
+    weighted = {k: w for k, w in ref["weight_dict"].items() if w and not (name == "dino_4scale" and "_dn" in k)}
+    assert weighted  # DINO's zero "_dn" placeholders of an evaluation step are not reproduced (no denoising)
+    for key, w in weighted.items():
+        assert criterion.weight_dict[_ours(key)] == w, key
+        if key not in ref["losses"]:  # Deformable-DETR declares the _enc weights in one-stage runs too
+            continue
+        assert losses[_ours(key)].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=rtol, abs=1e-6), key
+    for key in ("class_error", "cardinality_error"):
+        assert losses[key].item() == pytest.approx(float(ref["losses"][key]), rel=1e-5, abs=1e-6)
 
 
-def test_postprocessed_results_match(reproduced):
-    ref, _, _, _, results = reproduced
+def test_postprocessed_results_match(evaluated):
+    _, ref, _, _, _, results = evaluated
     for ours, theirs in zip(results, ref["results"]):
         torch.testing.assert_close(ours["scores"], theirs["scores"], rtol=1e-5, atol=1e-5)
         assert torch.equal(ours["labels"], theirs["labels"])
-        torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=1e-5, atol=1e-3)  # pixels
+
+
+def test_training_step_matches():
+    ref, model, criterion, _ = load_reference("deformable_twostage_train")
+    model.train()
+    outputs = model(nested_tensor_from_tensor_list(ref["images"]), ref["targets"])
+    losses = criterion(outputs, ref["targets"])
+    total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+    total.backward()
+    assert total.item() == pytest.approx(float(ref["total"]), rel=1e-4)
+    for key, w in ref["weight_dict"].items():
+        if w:
+            assert losses[key].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=1e-3, abs=1e-6), key
+    params = dict(model.named_parameters())
+    assert set(ref["grad_norms"]) <= set(params)
+    for name, norm in ref["grad_norms"].items():
+        grad = params[name].grad
+        ours = 0.0 if grad is None else grad.norm().item()
+        assert ours == pytest.approx(float(norm), rel=1e-3, abs=1e-7), name

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from ..query_groups import EncoderOutput, QueryGroup
+from ..query_groups import EncoderOutput, QueryGroup, QueryProvider
 
 Indices = list[tuple[Tensor, Tensor]]
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
@@ -103,13 +104,13 @@ class StepContext:
     """What add-ons see of the current training step.
 
     Attributes:
-        targets: the batch's targets (on the device).
+        targets: the batch's targets (on the device); None when the model was called without targets.
         epoch: current epoch.
         step: global step counter.
         extras: free slot for add-ons to pass things between hooks within the step.
     """
 
-    targets: Sequence[Mapping[str, Tensor]]
+    targets: Sequence[Mapping[str, Tensor]] | None = None
     epoch: int = 0
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
@@ -174,3 +175,8 @@ class AddOn:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         del state
+
+
+def query_providers(addons: Sequence[AddOn], ctx: StepContext) -> list[QueryProvider]:
+    """The query-group hooks of the add-ons that have one, bound to this step's context."""
+    return [partial(a.query_group, ctx=ctx) for a in addons if type(a).query_group is not AddOn.query_group]

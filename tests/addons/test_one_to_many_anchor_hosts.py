@@ -8,7 +8,8 @@ from models.criterion import StepContext
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
 
-HOSTS = {"dab": ["-m", "dab_deformable_detr", "--dropout", "0"], "dino": ["-m", "dino", "--dropout", "0"]}
+HOSTS = {"dab": ["-m", "dab_deformable_detr", "--dropout", "0"],
+         "dino": ["-m", "dino", "--dropout", "0", "--no-use_dn", "--no-contrastive"]}
 HYBRID = ["--num_queries_one2many", "12", "--k_one2many", "2"]
 MS = ["--use_ms_detr", "--use_aux_ffn"]
 
@@ -77,7 +78,7 @@ def test_dino_group_takes_the_proposals_ranked_after_the_one2one_ones(batch):
     with torch.no_grad():
         out = model.train()(nested_tensor_from_tensor_list(images), providers=[spy])
     enc = seen["enc"]
-    scores = enc.enc_logits.max(-1)[0].masked_fill(~torch.isfinite(enc.enc_coord_unact).all(-1), float("-inf"))
+    scores = enc.enc_logits.max(-1)[0]  # DINO ranks every token, padded and border ones included
     idx = scores.topk(8 + 12, dim=1).indices
     coords = torch.gather(enc.enc_coord_unact, 1, idx[..., None].expand(-1, -1, 4)).sigmoid()
     torch.testing.assert_close(out["enc_outputs"]["pred_boxes"], coords[:, :8], rtol=0, atol=0)
@@ -99,11 +100,12 @@ def test_ms_detr_predictions_and_gradients(host, batch):
     criterion.total_loss(losses).backward()
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    with torch.no_grad():  # the one-to-one predictions never read the auxiliary FFN
-        a = model.eval()(nested_tensor_from_tensor_list(images))
+    with torch.no_grad():  # the one-to-one predictions never read the auxiliary FFN (dropout 0: deterministic)
+        a = model(nested_tensor_from_tensor_list(images))
         for layer in model.transformer.decoder.layers:
             layer.linear4.weight.add_(1.0)
         b = model(nested_tensor_from_tensor_list(images))
+        assert "o2m_outputs" not in model.eval()(nested_tensor_from_tensor_list(images))  # evaluation never runs it
     for key in ("pred_logits", "pred_boxes"):
         assert torch.equal(a[key], b[key])
     assert not torch.equal(a["o2m_outputs"]["pred_logits"], b["o2m_outputs"]["pred_logits"])
