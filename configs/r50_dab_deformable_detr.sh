@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# DAB-Deformable-DETR (DN-DETR repo's deformable encoder+decoder v2 model), 50 epochs, without denoising
+# DAB-Deformable-DETR as DAB-DETR's README trains it (its main.py defaults, but 50 epochs with the lr drop at 40
+# instead of its argparse 300 / 200), without denoising
 set -x
 
 EXP_DIR=exps/r50_dab_deformable_detr
@@ -8,16 +9,7 @@ PY_ARGS=${@:1}
 python -u main.py \
     --output_dir ${EXP_DIR} \
     -m dab_deformable_detr \
-    --num_queries 300 \
-    --lr 1e-4 \
-    --lr_backbone 1e-5 \
-    --lr_linear_proj_mult 1.0 \
-    --dim_feedforward 2048 \
-    --dropout 0.0 \
-    --cls_loss_coef 1 \
-    --bbox_loss_coef 5 \
-    --giou_loss_coef 2 \
     --epochs 50 \
     --lr_drop 40 \
-    --topk 100 \
+    --transformer_activation relu \
     ${PY_ARGS}

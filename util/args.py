@@ -1,12 +1,19 @@
 """Command-line flags: every official Deformable-DETR flag with its default, H-DETR's "++" flags,
 and this project's own (AMP, resume, op implementation); registered models and add-ons add groups.
+
+``-m NAME`` brings the defaults of the repository that model comes from (``register_model(defaults=...)``) for
+every flag the command line does not give; every on/off flag has a ``--no-<flag>``; ``validate_args`` refuses
+impossible values before anything is built.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import sys
+from typing import Any, Sequence
 
-from models.registry import ADDONS, MODELS
+from models.registry import ADDONS, MODELS, model_defaults
 
 
 def _str2dtype(v: str) -> str:
@@ -115,11 +122,80 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this many consecutive non-finite losses (each is skipped)")
 
 
+class _Unset:
+    """Stands for "not on the command line" while the model's defaults are applied."""
+
+    def __repr__(self) -> str:
+        return "<model default>"
+
+
+_UNSET = _Unset()
+
+
+class ModelDefaultsParser(argparse.ArgumentParser):
+    """An ArgumentParser that applies the chosen model's defaults to every flag the command line does not give.
+
+    ``parse_known_args`` (and so ``parse_args``) parses once to find ``-m/--model``, then again with the model's
+    flags marked unset; those still unset get the model's value. The applied ones (not given by the user) are
+    stored as ``args.model_defaults`` (a plain dict). The parser is left as it was.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        args = sys.argv[1:] if args is None else list(args)
+        probe, _ = super().parse_known_args(args, copy.copy(namespace))
+        name = getattr(probe, "model", None)
+        values = dict(model_defaults(name).values) if name is not None else {}
+        actions = [a for a in self._actions if a.dest in values and a.default is not argparse.SUPPRESS]
+        unknown = set(values) - {a.dest for a in actions}
+        if unknown:
+            raise KeyError(f"model {name!r} declares defaults for unknown flags: {sorted(unknown)}")
+        saved = [(a, a.default) for a in actions]
+        try:
+            for a in actions:
+                a.default = _UNSET
+            ns, extra = super().parse_known_args(args, namespace)
+        finally:
+            for a, default in saved:
+                a.default = default
+        applied = {}
+        for dest, value in values.items():
+            if getattr(ns, dest) is _UNSET:
+                setattr(ns, dest, value)
+                applied[dest] = value
+        ns.model_defaults = applied
+        return ns, extra
+
+
+def add_negations(p: argparse.ArgumentParser) -> None:
+    """Give every on/off (store-true) flag ``--X`` a ``--no-X``, so that a model default can be turned off."""
+    for action in list(p._actions):
+        if action.nargs != 0 or action.const is not True or action.default not in (False, None):
+            continue  # not a store-true flag (BooleanOptionalAction has its own --no-X)
+        negs = [f"--no-{o[2:]}" for o in action.option_strings if o.startswith("--")]
+        negs = [o for o in negs if o not in p._option_string_actions]
+        if negs:
+            p.add_argument(*negs, dest=action.dest, action="store_false", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
+
+
+def describe_model_defaults(args: argparse.Namespace) -> str:
+    """One line naming the model, the source of its defaults and those applied (for the run's log)."""
+    info = model_defaults(args.model)
+    applied = getattr(args, "model_defaults", None) or {}
+    if not info.values:
+        return f"model {args.model}: defaults of {info.source}"
+    listed = " ".join(f"{k}={v}" for k, v in applied.items()) or "none (all given on the command line)"
+    return f"model {args.model}: defaults of {info.source}: {listed}"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The full parser: base flags, data flags, and each registered model's and add-on's group."""
     import datasets  # noqa: F401  (data flags)
 
-    p = argparse.ArgumentParser("Deformable-DETR family training and evaluation", add_help=True)
+    p = ModelDefaultsParser("Deformable-DETR family training and evaluation", add_help=True,
+                            epilog="-m NAME applies the defaults of the repository NAME comes from to every flag "
+                                   "not given; every on/off flag --X can be turned off with --no-X.")
     add_training_args(p)
     add_model_args(p)
     add_run_args(p)
@@ -133,6 +209,7 @@ def get_args_parser() -> argparse.ArgumentParser:
             add(p)
     for _, cls in ADDONS.items():
         cls.add_args(p)
+    add_negations(p)
     return p
 
 
@@ -141,3 +218,75 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.use_fp16:
         args.amp, args.amp_dtype = True, "fp16"
     return args
+
+
+class FlagError(ValueError):
+    """An impossible flag value or combination; main.py's cli() exits with its one-line message (status 2)."""
+
+
+def _addon_on(args: Any, name: str, seed_flag_on: bool) -> bool:
+    return seed_flag_on or name in (getattr(args, "addons", None) or [])
+
+
+def flag_problems(args: Any) -> list[str]:
+    """What is wrong with the flags, one message per problem naming the flag and the supported values.
+
+    Flags absent from ``args`` (a hand-made namespace) are not checked.
+    """
+    v = vars(args)
+    problems: list[str] = []
+
+    def at_least(dest: str, low: float, what: str = "") -> None:
+        if v.get(dest) is not None and v[dest] < low:
+            problems.append(f"--{dest} must be >= {low:g}{what}, got {v[dest]}")
+
+    def within(dest: str, low: float, high: float, text: str) -> None:
+        if v.get(dest) is not None and not low <= v[dest] <= high:
+            problems.append(f"--{dest} must be {text}, got {v[dest]}")
+
+    within("num_feature_levels", 1, 5, "1 to 5 (backbone levels plus extra stride-2 levels)")
+    at_least("enc_layers", 0)
+    for dest in ("dec_layers", "nheads", "num_queries", "dec_n_points", "enc_n_points", "dim_feedforward", "topk",
+                 "num_select", "batch_size", "lr_drop", "save_every", "eval_every", "print_freq",
+                 "max_nonfinite_steps", "num_classes", "synthetic_train_size", "synthetic_val_size"):
+        at_least(dest, 1)
+    for dest in ("epochs", "start_epoch", "num_workers", "max_iters_per_epoch", "lr", "lr_linear_proj_mult",
+                 "weight_decay", "clip_max_norm", "num_queries_one2many", "dn_max_queries"):
+        at_least(dest, 0)
+    at_least("synthetic_image_size", 32, " (the backbone's stride)")
+    if v.get("dataset_file") == "synthetic" and not v.get("eval") and (v.get("batch_size") or 0) >= 1:
+        at_least("synthetic_train_size", v["batch_size"], " (--batch_size: one full batch)")
+    hidden, heads = v.get("hidden_dim"), v.get("nheads")
+    if hidden is not None and (hidden < 32 or hidden % 32):
+        problems.append(f"--hidden_dim must be a positive multiple of 32 (GroupNorm(32) in the input projection), "
+                        f"got {hidden}")
+    elif hidden is not None and heads and heads >= 1 and hidden % heads:
+        problems.append(f"--nheads must divide --hidden_dim {hidden}, got {heads}")
+    if v.get("dropout") is not None and not 0 <= v["dropout"] < 1:
+        problems.append(f"--dropout must be in [0, 1), got {v['dropout']}")
+    if v.get("drop_path_rate") is not None and not 0 <= v["drop_path_rate"] < 1:
+        problems.append(f"--drop_path_rate must be in [0, 1), got {v['drop_path_rate']}")
+    within("seed", 0, 2**32 - 1, "in [0, 2**32 - 1] (numpy's seed range)")
+    if v.get("num_patterns"):
+        problems.append(f"--num_patterns: only 0 is supported (DAB pattern embeddings), got {v['num_patterns']}")
+    if _addon_on(args, "hybrid", (v.get("num_queries_one2many") or 0) > 0):
+        at_least("k_one2many", 1, " with the hybrid branch on (--num_queries_one2many > 0)")
+    if _addon_on(args, "dn", bool(v.get("use_dn") or v.get("contrastive"))):
+        if v.get("contrastive"):
+            at_least("dn_number", 1, " with contrastive denoising on (--contrastive)")
+        else:
+            at_least("scalar", 1, " with denoising on (--use_dn)")
+    if _addon_on(args, "ms_detr", bool(v.get("use_ms_detr"))):
+        at_least("o2m_matcher_k", 1, " with MS-DETR on (--use_ms_detr)")
+    return problems
+
+
+def validate_args(args: Any) -> None:
+    """Refuse impossible flag values and combinations before anything is built.
+
+    Raises:
+        FlagError: every problem found, in one line.
+    """
+    problems = flag_problems(args)
+    if problems:
+        raise FlagError("; ".join(problems))
