@@ -20,6 +20,9 @@ def build_model(args: Any) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
     ``args`` is what ``main.get_args_parser().parse_args(flags)`` returns; nothing else is needed (no data).
     An unset ``--num_classes`` follows the official rule of ``--dataset_file`` (COCO: 91 logits).
     """
+    from util.args import validate_args  # util sits below models; imported here to keep that import lazy
+
+    validate_args(args)  # impossible flag values are refused before anything is built
     if getattr(args, "num_classes", None) is None:
         if args.dataset_file not in DEFAULT_NUM_CLASSES:
             raise ValueError(f"--num_classes is needed for --dataset_file {args.dataset_file!r}")

@@ -12,12 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from util.errors import FlagError
+
 from .addon_builder import build_addons, model_options
 from .anchor_detr import AnchorDeformableDETR
 from .anchor_transformer import AnchorDeformableTransformer
 from .backbone import build_backbone
 from .criterion import SetCriterion, main_coefs
-from .deformable_detr import PostProcess
+from .deformable_detr import PostProcess, backbone_levels
 from .matcher import build_matcher
 from .position_encoding import build_position_encoding
 from .registry import register_model
@@ -32,22 +34,30 @@ def add_anchor_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_refpoints_xy", action="store_true",
                    help="DAB 'fixxy': anchor centres initialised uniformly (they keep training, as in DAB)")
     g.add_argument("--num_select", default=None, type=int, help="DINO's name for --topk (detections per image)")
+    g.add_argument("--pe_temperatureH", default=None, type=float,
+                   help="image position encoding temperature along y (DAB/DN/DINO: 20, no -0.5 offset); "
+                        "default: the model's own (dino 20, the deformable models 10000 with the offset)")
+    g.add_argument("--pe_temperatureW", default=None, type=float, help="same along x")
+    g.add_argument("--dec_pred_class_embed_share", default=None, action=argparse.BooleanOptionalAction,
+                   help="dino: one class head shared by every decoder layer (DINO's default: on)")
+    g.add_argument("--dec_pred_bbox_embed_share", default=None, action=argparse.BooleanOptionalAction,
+                   help="dino: one box head shared by every decoder layer (DINO's default: on)")
 
 
 def check_anchor_args(args: Any, model: str) -> None:
     if args.num_patterns:
-        raise ValueError(f"{model}: --num_patterns > 0 is not supported (DINO crashes on it too, spec P13)")
+        raise FlagError(f"{model}: --num_patterns > 0 is not supported (DINO crashes on it too, spec P13)")
     if args.masks or args.frozen_weights:
-        raise ValueError(f"{model}: segmentation (--masks/--frozen_weights) is not supported")
+        raise FlagError(f"{model}: segmentation (--masks/--frozen_weights) is not supported")
     if args.hidden_dim % 32 != 0:
-        raise ValueError(f"--hidden_dim must be a multiple of 32 (GroupNorm(32)), got {args.hidden_dim}")
+        raise FlagError(f"--hidden_dim must be a multiple of 32 (GroupNorm(32)), got {args.hidden_dim}")
 
 
 def build_anchor_transformer(args: Any, two_stage: bool, conditional_scale: bool, final_norm: bool,
-                             look_forward_twice: bool) -> AnchorDeformableTransformer:
+                             look_forward_twice: bool, content_indicator: bool = False) -> AnchorDeformableTransformer:
     """The anchor transformer from the flags, with what the enabled add-ons ask of it (ModelOptions):
-    MS-DETR's decoder layer, DN-DETR's indicator bit and (two-stage) extra content rows for H-DETR's
-    one-to-many queries."""
+    MS-DETR's decoder layer, DN-DETR's indicator bit (also forced by ``content_indicator``: DN-DETR's own
+    model always has it) and (two-stage) extra content rows for H-DETR's one-to-many queries."""
     options = model_options(args)
     return AnchorDeformableTransformer(
         d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
@@ -57,23 +67,35 @@ def build_anchor_transformer(args: Any, two_stage: bool, conditional_scale: bool
         conditional_scale=conditional_scale, final_norm=final_norm, look_forward_twice=look_forward_twice,
         use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl,
         num_extra_queries=options.extra_queries if two_stage else 0, decoder_layer=options.decoder_layer,
-        content_indicator=options.content_indicator)
+        content_indicator=options.content_indicator or content_indicator,
+        mask_invalid_proposals=args.mask_invalid_proposals)
 
 
-def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, share_heads: bool,
-                      enc_class_agnostic: bool, num_backbone_levels: int = 3
+def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, *, share_class_head: bool = False,
+                      share_box_head: bool = False, box_bias_quirk: bool = True, enc_class_agnostic: bool = True,
+                      num_backbone_levels: int = 3, pe_temperature: float = 10000.0, pe_offset: float = -0.5,
+                      content_indicator: bool = False, label_table: bool = False
                       ) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
-    """Backbone, detector, add-ons, criterion and post-processor around an anchor transformer."""
+    """Backbone, detector, add-ons, criterion and post-processor around an anchor transformer.
+
+    ``pe_temperature``/``pe_offset``: the model's image position encoding (``--pe_temperatureH/W`` override
+    the temperature); ``label_table``: the model owns the official ``label_enc`` (K + 1 rows).
+    """
     options = model_options(args)
-    position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding)
+    temp_h = pe_temperature if args.pe_temperatureH is None else args.pe_temperatureH
+    temp_w = pe_temperature if args.pe_temperatureW is None else args.pe_temperatureW
+    position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding, temp_h, temp_w, pe_offset)
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
                               from_scratch=args.backbone_from_scratch, num_backbone_levels=num_backbone_levels)
     model = AnchorDeformableDETR(backbone, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
                                  num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
-                                 share_heads=share_heads, random_refpoints_xy=args.random_refpoints_xy,
-                                 num_extra_queries=options.extra_queries, content_indicator=options.content_indicator)
+                                 share_class_head=share_class_head, share_box_head=share_box_head,
+                                 box_bias_quirk=box_bias_quirk, random_refpoints_xy=args.random_refpoints_xy,
+                                 num_extra_queries=options.extra_queries,
+                                 content_indicator=options.content_indicator or content_indicator,
+                                 label_table=args.num_classes + 1 if label_table else 0)
     addons = build_addons(args, model)
     criterion = SetCriterion(args.num_classes, build_matcher(args), main_coefs(args),
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0,
@@ -83,18 +105,49 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, share
     return model, criterion, {"bbox": PostProcess(topk)}
 
 
-@register_model("dab_deformable_detr")
-def build_dab_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
-    """DAB-Deformable-DETR from the flags (always iterative anchor refinement; no two-stage)."""
-    check_anchor_args(args, "dab_deformable_detr")
+def _build_dab(args: Any, name: str, dn_detr: bool) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+    check_anchor_args(args, name)
     if args.two_stage or args.mixed_selection:
-        raise ValueError("dab_deformable_detr is one-stage (learned anchors); use -m dino for two-stage "
-                         "with mixed query selection")
+        raise FlagError(f"{name} is one-stage (learned anchors); use -m dino for two-stage "
+                         f"with mixed query selection")
     transformer = build_anchor_transformer(args, two_stage=False, conditional_scale=True, final_norm=False,
-                                           look_forward_twice=args.look_forward_twice)
-    return build_anchor_detr(args, transformer, share_heads=False, enc_class_agnostic=True)
+                                           look_forward_twice=args.look_forward_twice, content_indicator=dn_detr)
+    return build_anchor_detr(args, transformer, enc_class_agnostic=True, content_indicator=dn_detr,
+                             label_table=dn_detr, num_backbone_levels=backbone_levels(args.num_feature_levels))
+
+
+def build_dab_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+    """DAB-Deformable-DETR (IDEA-Research/DAB-DETR) from the flags: always iterative anchor refinement, one-stage.
+
+    With ``--use_dn`` the denoising add-on owns its label table (``addons.dn.label_enc``) and the content
+    queries get DN-DETR's indicator bit.
+    """
+    return _build_dab(args, "dab_deformable_detr", dn_detr=False)
+
+
+def build_dn_dab_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+    """DN-DETR's DN-DAB-Deformable-DETR (IDEA-Research/DN-DETR): DAB-Deformable-DETR whose model always owns
+    DN-DETR's label table ``label_enc`` [K+1, C-1] and 255-wide content queries with the indicator bit (its
+    official state dict), trained with denoising by ``--use_dn`` (and, unlike the official code, without it).
+    """
+    return _build_dab(args, "dn_dab_deformable_detr", dn_detr=True)
 
 
 build_dab_deformable_detr.add_args = add_anchor_args
-# DN-DETR's model name: the same model, denoising switched on by its own flag (-m dn_dab_deformable_detr --use_dn).
-register_model("dn_dab_deformable_detr")(build_dab_deformable_detr)
+build_dn_dab_deformable_detr.add_args = add_anchor_args
+
+
+# Defaults of the official repositories where they differ from Deformable-DETR's main.py. Both optimisers have only
+# a backbone / rest split (no 0.1x linear-projection group). Their argparse num_select 300 and pe_temperatureH/W 20
+# do not reach these deformable models (their PostProcess keeps the top 100, their position encoding is
+# Deformable-DETR's), nor does transformer_activation prelu (the deformable builders hard-code ReLU).
+# IDEA-Research/DAB-DETR main.py @723ddb8 (L34-42, L75-79, L121, L237); its README trains 50 / 40 epochs.
+DAB_DEFAULTS = {"lr": 1e-4, "lr_backbone": 1e-5, "lr_linear_proj_mult": 1.0, "epochs": 300, "lr_drop": 200,
+                "dim_feedforward": 2048, "dropout": 0.0, "cls_loss_coef": 1.0}
+# IDEA-Research/DN-DETR main.py @ff3902a (L37-41 DN flags, L51-59, L95-99, L143, L263); its README passes --use_dn.
+DN_DAB_DEFAULTS = {**DAB_DEFAULTS, "epochs": 50, "lr_drop": 40,
+                   "scalar": 5, "label_noise_scale": 0.2, "box_noise_scale": 0.4}
+register_model("dab_deformable_detr", defaults=DAB_DEFAULTS,
+               source="IDEA-Research/DAB-DETR main.py")(build_dab_deformable_detr)
+register_model("dn_dab_deformable_detr", defaults=DN_DAB_DEFAULTS,
+               source="IDEA-Research/DN-DETR main.py")(build_dn_dab_deformable_detr)

@@ -5,6 +5,7 @@ Deformable-DETR, including the decoder aliases of the heads, so official checkpo
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 from typing import Any, Sequence
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util import box_ops
+from util.errors import FlagError
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, build_backbone
-from .criterion import ModelOptions, SetCriterion, main_coefs
+from .criterion import ModelOptions, SetCriterion, StepContext, main_coefs, query_providers
 from .deformable_transformer import DeformableTransformer, TransformerOutput, refine_boxes, top_proposals
 from .matcher import build_matcher
 from .position_encoding import build_position_encoding
@@ -153,7 +155,7 @@ class DeformableDETR(nn.Module):
         transformer = self.transformer
         if enc.enc_coord_unact is not None:
             coords = enc.enc_coord_unact
-            valid = torch.isfinite(coords).all(-1)  # invalid anchors are +inf (gen_encoder_output_proposals)
+            valid = torch.isfinite(coords).all(-1) if transformer.mask_invalid_proposals else None  # invalid: +inf
             coords = top_proposals(enc.enc_logits, coords, valid, start + count)[:, start:]
             if coords.shape[1] == 0:
                 return None
@@ -164,12 +166,18 @@ class DeformableDETR(nn.Module):
                                                                     enc.memory.shape[0])
         return tgt, reference, query_pos
 
-    def forward(self, samples: NestedTensor | Sequence[Tensor], providers: Sequence[QueryProvider] = ()) -> dict:
+    train_addons: tuple = ()  # the add-ons the model was built with (models/addon_builder.py)
+
+    def forward(self, samples: NestedTensor | Sequence[Tensor], targets: Sequence[dict] | None = None,
+                providers: Sequence[QueryProvider] | None = None) -> dict:
         """Detect objects.
 
         Args:
             samples: a NestedTensor (images [B, 3, H, W] + padding mask [B, H, W]) or a list of [3, H, W].
-            providers: training-time query-group providers of the add-ons (see models/query_groups.py).
+            targets: per image ``labels`` and ``boxes`` (training only, for add-ons that need them, e.g.
+                denoising: the official ``model(samples, targets)``).
+            providers: query-group providers to use instead of the add-ons' (None: in training mode, every
+                enabled add-on's groups, as the official models return them; in evaluation mode none).
 
         Returns:
             dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised
@@ -182,6 +190,8 @@ class DeformableDETR(nn.Module):
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
+        if providers is None:
+            providers = query_providers(self.train_addons, StepContext(targets)) if self.training else ()
         srcs, masks, pos = self._pyramid(samples)
         out = self.transformer(srcs, masks, pos, self.query_embeds(), (self.class_embed[-1], self.bbox_embed[-1]),
                                providers)
@@ -269,20 +279,35 @@ def build_deformable_transformer(args: Any, options: ModelOptions | None = None)
         activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
         enc_n_points=args.enc_n_points, two_stage=args.two_stage, two_stage_num_proposals=args.num_queries,
         mixed_selection=args.mixed_selection, look_forward_twice=args.look_forward_twice,
-        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl, decoder_layer=options.decoder_layer)
+        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl, decoder_layer=options.decoder_layer,
+        mask_invalid_proposals=args.mask_invalid_proposals)
+
+
+def add_deformable_args(parser: argparse.ArgumentParser) -> None:
+    """This project's opt-in fixes of official two-stage behaviour (README, "Deliberate differences")."""
+    g = parser.add_argument_group("deliberate differences from the official code (opt-in)")
+    g.add_argument("--mask_invalid_proposals", action="store_true",
+                   help="two-stage: padded and border encoder tokens are never selected as proposals "
+                        "(the official top-k ranks every token; they then become boxes (1, 1, 1, 1))")
+
+
+def backbone_levels(num_feature_levels: int, max_levels: int = 3) -> int:
+    """Backbone stages a model with ``num_feature_levels`` uses: the last ones (C5, C4-C5, C3-C5, ...), at most
+    ``max_levels``; the levels beyond come from stride-2 convolutions on the last stage."""
+    return max(1, min(num_feature_levels, max_levels))
 
 
 def check_args(args: Any) -> None:
     """Reject flag combinations that cannot work, with a message (instead of a crash deep inside)."""
     if args.masks or args.frozen_weights:
-        raise ValueError("--masks/--frozen_weights (segmentation) are accepted for compatibility but the "
+        raise FlagError("--masks/--frozen_weights (segmentation) are accepted for compatibility but the "
                          "official segmentation head does not fit the deformable transformer; not supported")
     if args.look_forward_twice and not args.with_box_refine:
-        raise ValueError("--look_forward_twice needs --with_box_refine (it routes the refinement gradient)")
+        raise FlagError("--look_forward_twice needs --with_box_refine (it routes the refinement gradient)")
     if args.mixed_selection and not args.two_stage:
-        raise ValueError("--mixed_selection needs --two_stage (content queries for encoder proposals)")
+        raise FlagError("--mixed_selection needs --two_stage (content queries for encoder proposals)")
     if args.hidden_dim % 32 != 0:
-        raise ValueError(f"--hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projection), "
+        raise FlagError(f"--hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projection), "
                          f"got {args.hidden_dim}")
 
 
@@ -305,7 +330,8 @@ def build_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str,
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
-                              from_scratch=args.backbone_from_scratch)
+                              from_scratch=args.backbone_from_scratch,
+                              num_backbone_levels=backbone_levels(args.num_feature_levels))
     model = DeformableDETR(backbone, build_deformable_transformer(args, options), num_classes=args.num_classes,
                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                            aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,
@@ -315,3 +341,6 @@ def build_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str,
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0, two_stage=args.two_stage,
                              enc_coefs=enc_coefs(args), focal_alpha=args.focal_alpha, addons=addons)
     return model, criterion, {"bbox": PostProcess(args.topk)}
+
+
+build_deformable_detr.add_args = add_deformable_args

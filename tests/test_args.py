@@ -333,10 +333,8 @@ def test_short_configs_train_what_the_long_ones_did(name):
 
 
 def test_dino_reference_flags_match_the_model_defaults():
-    """shared/reference's DINO command line (every value spelled out) builds what -m dino alone builds."""
-    ref = ROOT.parent / "shared" / "reference" / "dino_4scale.pt"
-    if not ref.is_file():
-        pytest.skip("shared/reference missing")
+    """The DINO reference's command line (every value spelled out) builds what -m dino alone builds."""
+    ref = ROOT / "tests" / "data" / "reference" / "dino_4scale.pt"
     import torch
 
     flags = list(torch.load(ref, weights_only=True)["flags"])

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Sequence
 
 from models.registry import ADDONS, MODELS, model_defaults
+from util.errors import FlagError  # noqa: F401  (re-exported: raised by validate_args)
 
 
 def _str2dtype(v: str) -> str:
@@ -220,9 +221,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-class FlagError(ValueError):
-    """An impossible flag value or combination; main.py's cli() exits with its one-line message (status 2)."""
-
 
 def _addon_on(args: Any, name: str, seed_flag_on: bool) -> bool:
     return seed_flag_on or name in (getattr(args, "addons", None) or [])
@@ -271,7 +269,7 @@ def flag_problems(args: Any) -> list[str]:
         problems.append(f"--num_patterns: only 0 is supported (DAB pattern embeddings), got {v['num_patterns']}")
     if _addon_on(args, "hybrid", (v.get("num_queries_one2many") or 0) > 0):
         at_least("k_one2many", 1, " with the hybrid branch on (--num_queries_one2many > 0)")
-    if _addon_on(args, "dn", bool(v.get("use_dn") or v.get("contrastive"))):
+    if _addon_on(args, "dn", bool(v.get("use_dn"))):
         if v.get("contrastive"):
             at_least("dn_number", 1, " with contrastive denoising on (--contrastive)")
         else:

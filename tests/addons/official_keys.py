@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import ROOT
 
-KEYS_FILE = ROOT.parent / "shared" / "specs" / "deformable_detr_two_stage_refine_keys.txt"
+KEYS_FILE = ROOT / "tests" / "data" / "official_keys" / "deformable_detr_two_stage_refine.txt"
 R50 = [("backbone", "resnet50"), ("hidden_dim", 256), ("nheads", 8), ("enc_layers", 6), ("dec_layers", 6),
        ("num_queries", 300), ("num_classes", 91)]
 

@@ -81,10 +81,11 @@ def test_cap_limits_queries_of_crowded_images():
     assert DenoisingConfig("dn", num_groups=5, max_queries=40).layout(10) == (4, 10)
 
 
-def test_no_gt_gives_one_unsupervised_slot():
+def test_no_gt_gives_no_slots():
     queries = _queries("cdn")
-    group = queries(_targets(0, 0), 2, torch.device("cpu"))
-    assert group.size == 1 and not group.meta["valid"].any() and group.meta["num_boxes"] == 0
+    group = queries(_targets(0, 0), 2, torch.device("cpu"))  # the originals' P = 0
+    assert group.size == 0 and group.meta["num_boxes"] == 0 and group.attn_mask is None
+    assert group.meta["indices"][0][0].numel() == 0
     group.tgt.sum().backward()
     assert queries.label_enc.weight.grad is not None  # stays in the graph (DDP needs no unused-param hack)
 
@@ -181,17 +182,32 @@ def test_padding_and_negative_supervision(dn_model, batch, mode):
         assert pad > base  # padding and negatives are pushed to no-object
 
 
-def test_empty_batch_trains(dn_model):
-    model, criterion, _ = dn_model
+@pytest.mark.parametrize("flags", [HOST + ("--use_dn",), ("-m", "dn_dab_deformable_detr", "--use_dn"),
+                                   ("-m", "dino", "--use_dn", "--contrastive")], ids=["deformable", "dn_dab", "dino"])
+def test_empty_batch_trains(flags):
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args(*flags))
     model.train()
     images = [torch.randn(3, 64, 64), torch.randn(3, 48, 56)]
     targets = _targets(0, 0)
     out = _forward(model, images, lambda enc: criterion.addons[0].query_group(enc, StepContext(targets)))
+    assert out["groups"]["dn"]["pred_logits"].shape[1] == 0  # no denoising slots, as the originals
     losses = criterion(out, targets)
-    assert losses["loss_ce_dn"].item() == 0 and losses["loss_giou_dn"].item() == 0
+    for term in ("loss_ce", "loss_bbox", "loss_giou"):  # zero terms under stable keys, aux layers too
+        assert losses[f"{term}_dn"].item() == 0 and losses[f"{term}_0_dn"].item() == 0
+    assert losses["cardinality_error_dn"].item() == 0
     model.zero_grad()
     criterion.total_loss(losses).backward()
-    assert model.addons["dn"].label_enc.weight.grad is not None
+    assert _label_table(model).weight.grad is not None
+
+
+def test_training_forward_without_targets_has_no_group(dn_model, batch):
+    model, criterion, _ = dn_model
+    images, _ = batch
+    model.train()
+    with torch.no_grad():  # the official DINO runs no denoising for model(samples)
+        out = _forward(model, images, lambda enc: criterion.addons[0].query_group(enc, StepContext(None)))
+    assert "groups" not in out
 
 
 def test_denoising_is_off_at_eval(dn_model, batch):
@@ -253,12 +269,17 @@ def _decoder_input(model, criterion, images, targets):
     return seen["tgt"], out["group_meta"]["dn"]
 
 
-@pytest.mark.parametrize("host", [["-m", "dab_deformable_detr"], ["-m", "dino"]], ids=["dab", "dino"])
+def _label_table(model):
+    """The label table denoising uses: the host's ``label_enc`` (official models) or the add-on's own."""
+    host = getattr(model, "label_enc", None)
+    return host if isinstance(host, torch.nn.Embedding) else model.addons.dn.label_enc
+
+
+@pytest.mark.parametrize("host", ["dab_deformable_detr", "dn_dab_deformable_detr"])
 def test_dn_detr_indicator_bit(host, batch):
     images, targets = batch
-    model, criterion, _ = build_model(tiny_args(*host, "--use_dn"))
-    table = model.transformer.tgt_embed if model.two_stage else model.tgt_embed
-    assert table.weight.shape == (8, 31) and model.addons.dn.label_enc.weight.shape == (6, 31)
+    model, criterion, _ = build_model(tiny_args("-m", host, "--use_dn"))
+    assert model.tgt_embed.weight.shape == (8, 31) and _label_table(model).weight.shape == (6, 31)
     tgt, meta = _decoder_input(model, criterion, images, targets)
     main, dn = tgt[:, :8], tgt[:, 8:]
     assert tgt.shape[-1] == 32 and torch.equal(main[..., -1], torch.zeros(2, 8))
@@ -266,18 +287,24 @@ def test_dn_detr_indicator_bit(host, batch):
     assert real.any() and (~real).any()
     assert torch.equal(dn[..., -1][real], torch.ones(int(real.sum())))
     assert not dn[~real].any()
-    # DINO's contrastive denoising has no indicator: full-width label table and content
-    model, criterion, _ = build_model(tiny_args(*host, "--use_dn", "--contrastive"))
-    assert model.addons.dn.label_enc.weight.shape == (6, 32)
+
+
+@pytest.mark.parametrize("host", ["dab_deformable_detr", "dino"])
+def test_contrastive_denoising_has_no_indicator(host):
+    # DINO's contrastive denoising: full-width label table and content
+    model, _, _ = build_model(tiny_args("-m", host, "--use_dn", "--contrastive"))
+    assert _label_table(model).weight.shape == (6, 32)
     assert (model.transformer.tgt_embed if model.two_stage else model.tgt_embed).weight.shape == (8, 32)
 
 
-def test_official_label_enc_key_loads_into_the_addon():
+def test_official_label_enc_key_loads_into_the_table():
     from main import load_model_weights
 
     model, _, _ = build_model(tiny_args("-m", "dn_dab_deformable_detr", "--use_dn"))
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    state["label_enc.weight"] = state.pop("addons.dn.label_enc.weight")
+    own = [k for k in state if k.endswith("label_enc.weight")]
+    assert len(own) == 1  # one table, one key
+    state["label_enc.weight"] = state.pop(own[0])  # the official checkpoints' key
     load_model_weights(model, state, "official")
-    assert torch.equal(model.addons.dn.label_enc.weight, state["label_enc.weight"])
+    assert torch.equal(_label_table(model).weight, state["label_enc.weight"])
     assert torch.equal(model.tgt_embed.weight, state["tgt_embed.weight"])

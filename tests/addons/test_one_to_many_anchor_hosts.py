@@ -9,7 +9,7 @@ from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
 
 HOSTS = {"dab": ["-m", "dab_deformable_detr", "--dropout", "0"],
-         "dino": ["-m", "dino", "--dropout", "0", "--no-use_dn", "--no-contrastive"]}
+         "dino": ["-m", "dino", "--dropout", "0", "--no-use_dn"]}
 HYBRID = ["--num_queries_one2many", "12", "--k_one2many", "2"]
 MS = ["--use_ms_detr", "--use_aux_ffn"]
 

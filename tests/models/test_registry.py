@@ -85,9 +85,7 @@ def test_frozen_layers_follow_official():
 
 def test_official_key_list_loads_strictly(tmp_path):
     from tests.conftest import ROOT
-    keys_file = ROOT.parent / "shared" / "specs" / "deformable_detr_two_stage_refine_keys.txt"
-    if not keys_file.is_file():
-        pytest.skip("shared/specs missing")
+    keys_file = ROOT / "tests" / "data" / "official_keys" / "deformable_detr_two_stage_refine.txt"
     args = tiny_args("--with_box_refine", "--two_stage")
     for flag, value in [("backbone", "resnet50"), ("hidden_dim", 256), ("nheads", 8), ("enc_layers", 6),
                         ("dec_layers", 6), ("dim_feedforward", 1024), ("num_queries", 300), ("num_classes", 91)]:
