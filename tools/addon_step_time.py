@@ -19,9 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import _query_providers  # noqa: E402
 from models import build_model  # noqa: E402
-from models.criterion import StepContext  # noqa: E402
 from util.args import finalize_args, get_args_parser  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
@@ -52,8 +50,7 @@ def make(flags: str):
 
 def step(model, criterion, optimizer, samples, targets) -> float:
     start = time.perf_counter()
-    providers = _query_providers(criterion.addons, StepContext(targets))
-    out = model(samples, providers=providers) if providers else model(samples)
+    out = model(samples, targets)  # training mode: the add-ons' query groups run inside the model
     loss = criterion.total_loss(criterion(out, targets))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
