@@ -23,8 +23,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 import datasets
 from datasets.seeded import SeededDataset
 from engine import NonFiniteLossError, evaluate, train_one_epoch
+from flags import FlagError, describe_model_defaults, finalize_args, get_args_parser, validate_args
 from models import build_model
-from util.args import FlagError, describe_model_defaults, finalize_args, get_args_parser, validate_args
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
 from util.logger import setup_logging
 from util.misc import all_gather_object, collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -204,7 +204,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run training (or --eval). Returns the last epoch's log entry.
 
     Raises:
-        FlagError: an impossible flag value or combination (util/args.py ``validate_args``), before anything is built.
+        FlagError: an impossible flag value or combination (``validate_args``), before anything is built.
     """
     validate_args(args)
     init_distributed_mode(args)

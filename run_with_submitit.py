@@ -19,7 +19,7 @@ from pathlib import Path
 import submitit
 
 import main as train_main
-from util.args import finalize_args, get_args_parser
+from flags import finalize_args, get_args_parser
 
 
 def get_parser() -> argparse.ArgumentParser:

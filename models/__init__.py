@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from util.validation import validate_args
+
 from . import dab_deformable_detr, deformable_detr, dino  # noqa: F401  (register the models)
 from .registry import ADDONS, MODELS, register_addon, register_model  # noqa: F401
 
@@ -20,8 +22,6 @@ def build_model(args: Any) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
     ``args`` is what ``main.get_args_parser().parse_args(flags)`` returns; nothing else is needed (no data).
     An unset ``--num_classes`` follows the official rule of ``--dataset_file`` (COCO: 91 logits).
     """
-    from util.args import validate_args  # util sits below models; imported here to keep that import lazy
-
     validate_args(args)  # impossible flag values are refused before anything is built
     if getattr(args, "num_classes", None) is None:
         if args.dataset_file not in DEFAULT_NUM_CLASSES:

@@ -2,7 +2,7 @@
 
 A duplicate name raises, as in torchvision and fvcore. A model may declare the defaults of the repository it
 comes from (``register_model(name, defaults=..., source=...)``); the flag parser applies them to every flag the
-user did not give (util/args.py).
+user did not give (flags.py).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Registry(Generic[T]):
         return iter(self._items.items())
 
 
-BASE_SOURCE = "fundamentalvision/Deformable-DETR main.py"  # the base flags' defaults (util/args.py)
+BASE_SOURCE = "fundamentalvision/Deformable-DETR main.py"  # the base flags' defaults (flags.py)
 
 
 @dataclass(frozen=True)

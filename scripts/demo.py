@@ -15,9 +15,9 @@ sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
 import main as train_main  # noqa: E402
+from flags import finalize_args, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from tools.visualize import draw_predictions  # noqa: E402
-from util.args import finalize_args, get_args_parser  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
 
 # A small Deformable-DETR++ (two-stage, box refinement, dropout 0, mixed query selection, look forward

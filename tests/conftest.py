@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from util.args import finalize_args, get_args_parser  # noqa: E402
+from flags import finalize_args, get_args_parser  # noqa: E402
 
 TINY = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",
         "--dim_feedforward", "64", "--num_queries", "8", "--device", "cpu", "--num_classes", "5"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import main as train_main
+from flags import FlagError, describe_model_defaults, get_args_parser, validate_args
 from models.registry import MODEL_DEFAULTS, MODELS, register_model
-from util.args import FlagError, describe_model_defaults, get_args_parser, validate_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

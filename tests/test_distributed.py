@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import main as train_main
+from flags import finalize_args, get_args_parser
 from tests.conftest import ROOT, synthetic_flags
-from util.args import finalize_args, get_args_parser
 from util.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")

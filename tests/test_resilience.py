@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import main as train_main
+from flags import finalize_args, get_args_parser
 from models.criterion import SetCriterion
 from tests.conftest import ROOT, synthetic_flags
-from util.args import finalize_args, get_args_parser
 from util.checkpoint import find_resume_checkpoint, load_checkpoint
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import main as train_main
+from flags import finalize_args, get_args_parser
 from tests.conftest import TINY
-from util.args import finalize_args, get_args_parser
 from util.checkpoint import load_checkpoint
 
 

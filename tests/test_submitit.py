@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import main as train_main
+from flags import finalize_args, get_args_parser
 from tests.conftest import synthetic_flags
-from util.args import finalize_args, get_args_parser
 from util.checkpoint import load_checkpoint
 
 submitit = pytest.importorskip("submitit")

@@ -2,10 +2,10 @@
 import torch
 
 import datasets
+from flags import finalize_args, get_args_parser
 from models import build_model
 from tests.conftest import synthetic_flags
 from tools.visualize import draw_predictions
-from util.args import finalize_args, get_args_parser
 
 
 def test_draw_predictions_grid(tmp_path):

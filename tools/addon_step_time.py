@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flags import finalize_args, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
-from util.args import finalize_args, get_args_parser  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 MODEL = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 8 --enc_layers 2 --dec_layers 3 "

@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flags import finalize_args, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
-from util.args import finalize_args, get_args_parser  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 

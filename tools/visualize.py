@@ -62,8 +62,8 @@ def draw_predictions(model: torch.nn.Module, postprocess: torch.nn.Module, datas
 
 def main() -> None:
     import datasets
+    from flags import finalize_args, get_args_parser
     from models import build_model
-    from util.args import finalize_args, get_args_parser
     from util.checkpoint import load_checkpoint
 
     parser = get_args_parser()
