@@ -246,10 +246,16 @@ class CocoDetection(Dataset):
         ann_file: COCO-format JSON annotation file.
         transforms: joint ``(PIL image, target) -> (image, target)`` transform, or None.
         cache_mode: read every image file's encoded bytes into memory when the set is built.
+        extra_box_sets: ``(PIL image, target) -> target`` attaching extra box sets to the converted
+            target before the transforms (with ``datasets.transforms.add_box_set``; for example
+            Teach-DETR's teacher boxes), or None. Give it to the training split only: targets then
+            carry the ground truth alone everywhere else. It must not draw random numbers (the
+            augmentation's draws come next and must not depend on it).
     """
 
     def __init__(self, img_folder: str | os.PathLike, ann_file: str | os.PathLike,
-                 transforms: Optional[Callable] = None, cache_mode: bool = False) -> None:
+                 transforms: Optional[Callable] = None, cache_mode: bool = False,
+                 extra_box_sets: Optional[Callable[[PIL.Image.Image, dict], dict]] = None) -> None:
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.coco = load_coco(ann_file)
@@ -257,6 +263,7 @@ class CocoDetection(Dataset):
             raise FileNotFoundError(f"image folder {self.img_folder} (for {self.ann_file}) not found")
         self.ids = sorted(self.coco.imgs.keys())
         self._transforms = transforms
+        self.extra_box_sets = extra_box_sets
         self.cache_mode = cache_mode
         self.num_skipped = 0
         self._cache: dict[int, bytes] = {}
@@ -295,6 +302,8 @@ class CocoDetection(Dataset):
                                type(err).__name__, err, self.num_skipped)
                 continue
             target = convert_annotations(image, image_id, self.coco.imgToAnns.get(image_id, []))
+            if self.extra_box_sets is not None:
+                target = self.extra_box_sets(image, target)
             if self._transforms is not None:
                 image, target = self._transforms(image, target)
             return image, target

@@ -8,11 +8,20 @@ image is a PIL image and ``target["boxes"]`` holds absolute ``xyxy`` pixel boxes
 turns the image into a normalised tensor and the boxes into ``cxcywh`` divided by the transformed,
 unpadded image size. Random choices use Python's ``random`` module (as the official code does), so
 the DataLoader's per-worker seeding covers them; crop positions use torch's generator.
+
+Box sets. The ground truth ``boxes`` (with its per-box fields ``labels``, ``area``, ``iscrowd``) is
+one *box set*; a target may carry more (Teach-DETR's teacher boxes ``ext_boxes`` with ``ext_labels``
+and ``ext_scores``), declared in ``target["box_fields"]`` = ``{boxes key: (per-box keys, ...)}``,
+best attached with :func:`add_box_set`. Every transform moves every box set by the same geometry
+(flip, resize, crop, normalise); a crop drops each set's empty boxes with that set's per-box fields
+only. Per-box keys named ``area`` or ``*_area`` are areas: scaled by a resize, recomputed by a crop.
+No random draw reads the boxes, so extra box sets never change the augmentation of an image. There
+is no pad transform: batches are padded bottom/right by ``collate_fn``, which moves no box.
 """
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import PIL.Image
 import torch
@@ -26,8 +35,11 @@ Transform = Callable[[Any, Optional[Target]], Tuple[Any, Optional[Target]]]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Per-box fields that must follow the boxes when a crop removes some of them.
+# The ground-truth box set and the per-box fields that must follow its boxes when a crop removes some.
+GT_BOXES = "boxes"
 PER_BOX_FIELDS = ("labels", "area", "iscrowd")
+# Target key declaring the extra box sets: {boxes key: tuple of per-box keys}.
+BOX_FIELDS_KEY = "box_fields"
 
 # Official sizes (pixels) at scale 1.0.
 TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
@@ -64,25 +76,79 @@ def get_resize_shape(image_size: tuple[int, int], size: int, max_size: int | Non
     return size, int(size * w / h)
 
 
+def add_box_set(target: Target, name: str, boxes: torch.Tensor,
+                per_box: Mapping[str, torch.Tensor] | None = None) -> Target:
+    """Return a copy of ``target`` carrying one more box set, declared in ``target["box_fields"]``.
+
+    Call it before the transforms (on the xyxy pixel target of the data set), for example
+    ``add_box_set(t, "ext_boxes", boxes, {"ext_labels": labels, "ext_scores": scores})``.
+
+    Args:
+        target: target dict (not modified).
+        name: key of the boxes; must not be a key the target already has.
+        boxes: [N, 4] xyxy pixel boxes of the untransformed image (stored as float32).
+        per_box: per-box tensors ([N, ...] each) kept in sync with the boxes; ``*_area`` keys are areas.
+
+    Returns:
+        The new target dict.
+    """
+    per_box = dict(per_box or {})
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    for key in (name, *per_box):
+        if key in target or key in (BOX_FIELDS_KEY, GT_BOXES, *PER_BOX_FIELDS):
+            raise ValueError(f"add_box_set: key {key!r} is already used by the target")
+    for key, value in per_box.items():
+        if len(value) != len(boxes):
+            raise ValueError(f"add_box_set: {key!r} has {len(value)} entries for {len(boxes)} boxes of {name!r}")
+    target = {**target, name: boxes, **{k: torch.as_tensor(v) for k, v in per_box.items()}}
+    target[BOX_FIELDS_KEY] = {**target.get(BOX_FIELDS_KEY, {}), name: tuple(per_box)}
+    return target
+
+
+def box_sets(target: Target) -> dict[str, tuple[str, ...]]:
+    """Every box set of ``target``: {boxes key: per-box keys}, the ground truth ``boxes`` first.
+
+    The ground truth is listed even when the target lacks ``boxes`` (the transforms then skip it, as
+    the official code does); a declared extra set must be present with all its per-box keys.
+    """
+    sets = {GT_BOXES: PER_BOX_FIELDS}
+    for name, per_box in target.get(BOX_FIELDS_KEY, {}).items():
+        missing = [k for k in (name, *per_box) if k not in target]
+        if name in sets or missing:
+            raise KeyError(f"box set {name!r} declared in target[{BOX_FIELDS_KEY!r}] is "
+                           + ("the ground truth" if name in sets else f"missing {missing}"))
+        sets[name] = tuple(per_box)
+    return sets
+
+
+def _is_area(key: str) -> bool:
+    return key == "area" or key.endswith("_area")
+
+
 def hflip(image: PIL.Image.Image, target: Target | None) -> tuple[PIL.Image.Image, Target | None]:
-    """Mirror the image left-right; boxes become (W - x1, y0, W - x0, y1)."""
+    """Mirror the image left-right; the boxes of every box set become (W - x1, y0, W - x0, y1)."""
     flipped = F.hflip(image)
-    if target is None or "boxes" not in target:
+    if target is None:
+        return flipped, target
+    names = [name for name in box_sets(target) if name in target]
+    if not names:
         return flipped, target
     w = image.width
     target = dict(target)
-    boxes = target["boxes"]
-    target["boxes"] = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
+    for name in names:
+        boxes = target[name]
+        target[name] = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
     return flipped, target
 
 
 def resize(image: PIL.Image.Image, target: Target | None, size: int,
            max_size: int | None = None) -> tuple[PIL.Image.Image, Target | None]:
-    """Resize by the official rule (:func:`get_resize_shape`), scaling boxes and areas per axis.
+    """Resize by the official rule (:func:`get_resize_shape`), scaling every box set and area per axis.
 
     Args:
         image: input image.
-        target: target dict with xyxy pixel ``boxes`` (optional) and ``area`` (optional), or None.
+        target: target dict with xyxy pixel ``boxes`` (optional), ``area`` (optional) and any
+            declared box sets (:func:`box_sets`), or None.
         size: requested shorter side.
         max_size: cap on the longer side, or None.
 
@@ -96,20 +162,23 @@ def resize(image: PIL.Image.Image, target: Target | None, size: int,
     ratio_w = resized.width / image.width
     ratio_h = resized.height / image.height
     target = dict(target)
-    if "boxes" in target:
-        target["boxes"] = target["boxes"] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h])
-    if "area" in target:
-        target["area"] = target["area"] * (ratio_w * ratio_h)
+    for name, per_box in box_sets(target).items():
+        if name in target:
+            target[name] = target[name] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h])
+        for key in per_box:
+            if _is_area(key) and key in target:
+                target[key] = target[key] * (ratio_w * ratio_h)
     target["size"] = torch.tensor([out_h, out_w])
     return resized, target
 
 
 def crop(image: PIL.Image.Image, target: Target | None,
          region: tuple[int, int, int, int]) -> tuple[PIL.Image.Image, Target | None]:
-    """Crop ``region = (top, left, height, width)``; boxes are shifted and clipped to the crop.
+    """Crop ``region = (top, left, height, width)``; the boxes of every box set are shifted and clipped.
 
-    Boxes left with zero width or height are removed together with their per-box fields
-    (``labels``, ``area``, ``iscrowd``). ``area`` is recomputed from the clipped boxes.
+    In each box set, boxes left with zero width or height are removed together with that set's
+    per-box fields (``labels``, ``area``, ``iscrowd`` for the ground truth), independently of the
+    other sets. Areas (``area``, ``*_area``) are recomputed from the clipped boxes.
     """
     top, left, h, w = region
     cropped = F.crop(image, top, left, h, w)
@@ -117,13 +186,17 @@ def crop(image: PIL.Image.Image, target: Target | None,
         return cropped, None
     target = dict(target)
     target["size"] = torch.tensor([h, w])
-    if "boxes" in target:
-        corners = (target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)).reshape(-1, 2, 2)
+    for name, per_box in box_sets(target).items():
+        if name not in target:
+            continue
+        corners = (target[name] - torch.tensor([left, top, left, top], dtype=torch.float32)).reshape(-1, 2, 2)
         corners = torch.min(corners, torch.tensor([w, h], dtype=torch.float32)).clamp(min=0)
-        target["boxes"] = corners.reshape(-1, 4)
-        target["area"] = (corners[:, 1, :] - corners[:, 0, :]).prod(dim=1)
+        target[name] = corners.reshape(-1, 4)
+        area = (corners[:, 1, :] - corners[:, 0, :]).prod(dim=1)
+        for key in filter(_is_area, per_box):
+            target[key] = area
         keep = torch.all(corners[:, 1, :] > corners[:, 0, :], dim=1)
-        for key in ("boxes",) + PER_BOX_FIELDS:
+        for key in (name,) + per_box:
             if key in target:
                 target[key] = target[key][keep]
     return cropped, target
@@ -192,7 +265,7 @@ class ToTensor:
 
 
 class Normalize:
-    """Normalise the image with mean/std; boxes xyxy pixels -> cxcywh in [0, 1] of the unpadded size."""
+    """Normalise the image with mean/std; every box set xyxy pixels -> cxcywh in [0, 1] of the unpadded size."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean, self.std = list(mean), list(std)
@@ -202,9 +275,10 @@ class Normalize:
         if target is None:
             return image, None
         target = dict(target)
-        if "boxes" in target:
-            h, w = image.shape[-2:]
-            target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        h, w = image.shape[-2:]
+        for name in box_sets(target):
+            if name in target:
+                target[name] = box_xyxy_to_cxcywh(target[name]) / torch.tensor([w, h, w, h], dtype=torch.float32)
         return image, target
 
 
