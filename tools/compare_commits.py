@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The pure-PyTorch attention: the other tree has no compiled op, and it is deterministic.
 TINY = ("--backbone resnet18 --hidden_dim 32 --nheads 4 --enc_layers 1 --dec_layers 2 --dim_feedforward 64 "
-        "--num_queries 8 --num_classes 5 --device cpu --backbone_from_scratch")
+        "--num_queries 8 --num_classes 5 --device cpu --backbone_from_scratch --msda_impl pytorch")
 CONFIGS = {
     "deformable": "",
     "deformable_refine_two_stage": "--with_box_refine --two_stage",
@@ -43,6 +44,7 @@ import main
 from models import build_model
 from util.misc import nested_tensor_from_tensor_list
 flags, weights, out_file = sys.argv[1].split(), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)  # one thread: the kernels' reductions run in one fixed order (bitwise reproducible)
 torch.manual_seed(0)
 model, criterion, _ = build_model(main.get_args_parser().parse_args(flags))
 if weights == "save":
