@@ -116,6 +116,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_workers", default=2, type=int)
     g.add_argument("--cache_mode", default=False, action="store_true", help="keep images in memory")
     g.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to output_dir/tensorboard (needs: pip install tensorboard)")
     g.add_argument("--max_iters_per_epoch", default=0, type=int, help="stop an epoch early (smoke tests)")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
     g.add_argument("--save_every", default=5, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")

@@ -68,7 +68,9 @@ def load_local_weights(module: nn.Module, path: str, name: str) -> None:
     unexpected = [k for k in unexpected if not k.startswith(("fc.", "head", "classifier"))]
     logger.info("loaded %s weights from %s (missing %d, unexpected %d)", name, path, len(missing), len(unexpected))
     if missing:
-        logger.warning("backbone weights missing from %s: %s", path, missing[:10])
+        logger.warning("--pretrained_backbone_path %s lacks %d %s weights (first: %s); check that the file holds "
+                       "%s weights with torchvision/timm parameter names (optionally under 'model' or 'state_dict')",
+                       path, len(missing), name, missing[:5], name)
 
 
 class BackboneBase(nn.Module):
@@ -190,8 +192,11 @@ def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: flo
     train_backbone = lr_backbone > 0
     multi_scale = num_feature_levels > 1
     if pretrained_path is None and not from_scratch:
-        logger.warning("backbone %s starts from random weights: pass --pretrained_backbone_path with local "
-                       "ImageNet weights to reproduce the papers (nothing is downloaded)", name)
+        logger.warning("backbone %s starts from random weights%s: pass --pretrained_backbone_path FILE with local "
+                       "ImageNet weights to reproduce the papers (nothing is downloaded), or --backbone_from_scratch "
+                       "to train from random weights%s", name,
+                       " with frozen BatchNorm and conv1/layer1" if name in RESNETS else "",
+                       " (trainable BatchNorm, every stage trained)" if name in RESNETS else "")
     if name in RESNETS:
         body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path, from_scratch,
                               num_backbone_levels)
