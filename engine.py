@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from datasets.coco_eval import CocoEvaluator
-from models.criterion import AddOn, StepContext, query_providers
-from util.logger import MetricLogger, SmoothedValue
+from models.addons import AddOn, StepContext, overrides, query_providers
+from util.logger import MetricLogger, SmoothedValue, write_scalars
 from util.misc import reduce_dict
 
 logger = logging.getLogger("detr")
@@ -45,11 +45,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     device: torch.device, epoch: int, max_norm: float = 0.0, *, addons: Sequence[AddOn] = (),
                     scaler: torch.amp.GradScaler | None = None, amp: bool = False, amp_dtype: str = "bf16",
                     print_freq: int = 10, max_iters: int = 0, max_nonfinite_steps: int = 10,
-                    global_step: int = 0) -> dict[str, float]:
+                    global_step: int = 0, tb_writer: Any = None) -> dict[str, float]:
     """Train for one epoch.
 
     A step whose (all-reduced) loss is not finite is skipped and logged with the offending terms;
     ``max_nonfinite_steps`` consecutive ones raise NonFiniteLossError (the last checkpoint stays intact).
+    Every ``print_freq`` iterations one short progress line is logged (util/logger.py ``MetricLogger.summary``);
+    ``tb_writer`` (a TensorBoard SummaryWriter, rank 0 only) gets ``iter/loss``, ``iter/lr``, ``iter/grad_norm``
+    and every weighted term as ``iter_terms/<key>`` at each step.
 
     Returns:
         Global averages of every logged meter (``loss``, weighted ``loss_*``, ``*_unscaled``, ``lr``,
@@ -69,12 +72,15 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if max_iters and i >= max_iters:
             break
         samples, targets = to_device(samples, targets, device)
-        ctx = StepContext(targets, epoch, global_step + i)
+        ctx = StepContext(images=samples, targets=targets, epoch=epoch, step=global_step + i)
         with autocast(device, amp, amp_dtype):
             # The official calling convention: in training mode the model runs the query groups of the
             # add-ons it was built with (denoising needs the targets), and the criterion their losses.
-            outputs = model(samples, targets)
-        loss_dict = criterion(outputs, targets)  # losses are computed in fp32
+            for addon in addons:
+                if overrides(addon, "before_forward"):
+                    addon.before_forward(model, ctx)
+            outputs = model(samples, targets, ctx=ctx)
+        loss_dict = criterion(outputs, targets, ctx=ctx)  # losses are computed in fp32
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
         reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
@@ -113,13 +119,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         for addon in addons:
             addon.after_step(model, ctx)
 
-        metric_logger.update(loss=loss_value, **{k: logged[k] * weight_dict[k] for k in logged if k in weight_dict},
-                             **{f"{k}_unscaled": v for k, v in logged.items()})
+        weighted = {k: logged[k] * weight_dict[k] for k in logged if k in weight_dict}
+        metric_logger.update(loss=loss_value, **weighted, **{f"{k}_unscaled": v for k, v in logged.items()})
         if "class_error" in logged:
             metric_logger.update(class_error=logged["class_error"])
         metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
+        if tb_writer is not None:
+            step = global_step + i
+            write_scalars(tb_writer, "iter", {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                              "grad_norm": float(grad_norm)}, step)
+            write_scalars(tb_writer, "iter_terms", weighted, step)
     metric_logger.synchronize_between_processes()
-    logger.info("Averaged stats: %s", metric_logger)
+    logger.info("Averaged stats: %s", metric_logger.summary(averaged=True))
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["nonfinite_steps"] = nonfinite_total
     if metric_logger.iter_time is not None:  # seconds per iteration, and the part spent waiting for data

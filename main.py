@@ -25,8 +25,9 @@ from datasets.seeded import SeededDataset
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from flags import FlagError, describe_model_defaults, finalize_args, get_args_parser, validate_args
 from models import build_model
+from models.addons import evaluation_model
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
-from util.logger import setup_logging
+from util.logger import check_tensorboard, describe_run, open_tensorboard, save_args, setup_logging, write_epoch
 from util.misc import all_gather_object, collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
 
 logger = logging.getLogger("detr")
@@ -207,12 +208,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         FlagError: an impossible flag value or combination (``validate_args``), before anything is built.
     """
     validate_args(args)
+    check_tensorboard(args.tensorboard, args.output_dir)
     init_distributed_mode(args)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir, get_rank())
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("--device %s requested but CUDA is not available; using cpu", args.device)
+        logger.warning("--device %s requested but CUDA is not available; using cpu (pass --device cpu to say so, "
+                       "or install a CUDA build of torch to use the GPU)", args.device)
         args.device = "cpu"
     device = torch.device(args.device)
     seed = args.seed + get_rank()
@@ -224,7 +227,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     if args.num_classes is None:
         args.num_classes = datasets.num_classes_for(args, dataset_train)
-    logger.info("args: %s", json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    if is_main_process():  # every flag: output_dir/args.json (the log gets a summary once the model is built)
+        save_args(args, args.output_dir)
     logger.info("%s", describe_model_defaults(args))
 
     model, criterion, postprocessors = build_model(args)
@@ -236,6 +240,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             find_unused_parameters=args.find_unused_params)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    num_train = None if dataset_train is None else len(dataset_train)
+    for line in describe_run(args, [a.name for a in criterion.addons], num_train, len(dataset_val)):
+        logger.info("%s", line)
     logger.info("number of params: %d", n_parameters)
 
     loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
@@ -251,17 +258,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = resume(args, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
     eval_kwargs = {"amp": args.amp, "amp_dtype": args.amp_dtype, "print_freq": args.print_freq}
     if ckpt is not None:
-        reconcile_log(args, ckpt, lambda: evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                                   **eval_kwargs)[0])
+        reconcile_log(args, ckpt, lambda: evaluate(evaluation_model(model, addons), criterion, postprocessors,
+                                                   loader_val, base_ds, device, **eval_kwargs)[0])
         del ckpt
     if args.eval:
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                              **eval_kwargs)
+        test_stats, coco_evaluator = evaluate(evaluation_model(model, addons), criterion, postprocessors,
+                                              loader_val, base_ds, device, **eval_kwargs)
         if args.output_dir and is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, Path(args.output_dir) / "eval.pth")
         return {f"test_{k}": v for k, v in test_stats.items()}
 
     logger.info("Start training")
+    tb_writer = open_tensorboard(args.output_dir) if args.tensorboard and is_main_process() else None
     start_time = time.time()
     log_stats: dict[str, Any] = {}
     for epoch in range(args.start_epoch, args.epochs):
@@ -271,14 +279,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm, addons=addons,
             scaler=scaler, amp=args.amp, amp_dtype=args.amp_dtype, print_freq=args.print_freq,
             max_iters=args.max_iters_per_epoch, max_nonfinite_steps=args.max_nonfinite_steps,
-            global_step=epoch * len(loader_train))
+            global_step=epoch * len(loader_train), tb_writer=tb_writer)
         lr_scheduler.step()
         save_checkpoints(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, addons, train_stats)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                                  **eval_kwargs)
+            test_stats, coco_evaluator = evaluate(evaluation_model(model, addons), criterion, postprocessors,
+                                                  loader_val, base_ds, device, **eval_kwargs)
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if args.output_dir and is_main_process():
                 (Path(args.output_dir) / "eval").mkdir(exist_ok=True)
@@ -286,6 +294,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.output_dir and is_main_process():
             with (Path(args.output_dir) / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+        if tb_writer is not None:
+            write_epoch(tb_writer, log_stats, epoch)
+    if tb_writer is not None:
+        tb_writer.close()
     total_time = time.time() - start_time
     logger.info("Training time %s", datetime.timedelta(seconds=int(total_time)))
     return log_stats

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from .anchor_transformer import ANCHOR_EPS, AnchorDeformableTransformer, AnchorTransformerOutput, with_indicator
+from .addons.base import StepContext
+from .anchor_transformer import ANCHOR_EPS, AnchorDeformableTransformer, AnchorTransformerOutput
 from .backbone import Joiner
-from .criterion import StepContext, query_providers
-from .deformable_detr import MLP, DeformableDETR
-from .deformable_transformer import refine_boxes
+from .detector import Detector
+from .layers import MLP, pad_content, refine_boxes
+from .outputs import DetrOutputs, assemble_outputs
 from .query_groups import EncoderOutput, QueryProvider
 
 
-class AnchorDeformableDETR(nn.Module):
+class AnchorDeformableDETR(Detector):
     """Deformable detector whose queries are (content, anchor box) pairs.
 
     Args:
@@ -39,41 +40,36 @@ class AnchorDeformableDETR(nn.Module):
             without denoising; DN-DETR: K + 1 rows, C-1 wide); 0: none (the denoising add-on then owns one).
         random_refpoints_xy: DAB's "fixxy" initialisation: anchor centres uniform in [0, 1]. As in the
             original they keep training (spec P2: the original's freeze is a no-op).
-        content_indicator: one-stage: DN-DETR's indicator bit (``tgt_embed`` is C-1 wide, the content
-            queries end in 0); two-stage: the transformer's setting.
+        reserved_content_channels: one-stage: trailing content channels reserved by an add-on (DN-DETR's
+            indicator bit: ``tgt_embed`` is C-1 wide, the content queries end in 0); two-stage: the
+            transformer's setting.
         num_extra_queries: one-stage: rows of ``tgt_embed``/``refpoint_embed`` after the Q main ones for
             add-on query groups built like the main queries (H-DETR's one-to-many queries; two-stage keeps
             them in the transformer's ``tgt_embed``). Never used at evaluation.
-
-    Attributes:
-        supports_anchor_groups: add-on query groups with 4-d anchors (denoising) can run on this model.
     """
-
-    supports_anchor_groups = True
 
     def __init__(self, backbone: Joiner, transformer: AnchorDeformableTransformer, num_classes: int,
                  num_queries: int, num_feature_levels: int, aux_loss: bool = True, share_class_head: bool = False,
                  share_box_head: bool = False, box_bias_quirk: bool = True, random_refpoints_xy: bool = False,
-                 num_extra_queries: int = 0, content_indicator: bool = False, label_table: int = 0) -> None:
+                 num_extra_queries: int = 0, reserved_content_channels: int = 0, label_table: int = 0) -> None:
         super().__init__()
         self.num_queries, self.num_extra_queries = num_queries, num_extra_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
         self.num_feature_levels = num_feature_levels
         self.aux_loss, self.two_stage = aux_loss, transformer.two_stage
-        self.content_indicator = transformer.content_indicator if self.two_stage else content_indicator
+        self.capabilities = self.host_capabilities()
+        self.reserved_content_channels = (transformer.reserved_content_channels if self.two_stage
+                                          else reserved_content_channels)
         if not self.two_stage:  # DAB: learned content and anchors (logit space), N(0, 1) like the original
-            self.tgt_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim - int(content_indicator))
+            self.tgt_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim - reserved_content_channels)
             self.refpoint_embed = nn.Embedding(num_queries + num_extra_queries, 4)
             if random_refpoints_xy:
                 with torch.no_grad():
                     self.refpoint_embed.weight[:, :2].uniform_(0, 1)
                     self.refpoint_embed.weight[:, :2] = torch.logit(self.refpoint_embed.weight[:, :2], eps=1e-5)
-        self.input_proj = DeformableDETR._input_proj(backbone, hidden_dim, num_feature_levels)
+        self.input_proj = self.input_projections(backbone, hidden_dim, num_feature_levels)
         self.backbone = backbone
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.constant_(proj[0].bias, 0)
 
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
@@ -92,19 +88,26 @@ class AnchorDeformableDETR(nn.Module):
             if box_bias_quirk:
                 nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)  # DAB-Deformable (head 0 only)
         # Official name and place (DINO, DN-DETR); the denoising add-on uses it.
-        self.label_enc = nn.Embedding(label_table, hidden_dim - int(self.content_indicator)) if label_table else None
+        self.label_enc = (nn.Embedding(label_table, hidden_dim - self.reserved_content_channels) if label_table
+                          else None)
         self.transformer.decoder.bbox_embed = self.bbox_embed
         if self.two_stage:  # DINO: the decoder aliases the class heads too; separate copies score the proposals
             self.transformer.decoder.class_embed = self.class_embed
             self.transformer.enc_out_class_embed = copy.deepcopy(class_embed)
             self.transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
 
-    _pyramid = DeformableDETR._pyramid  # backbone -> projected multi-scale features, masks, positions
+    @staticmethod
+    def host_capabilities() -> frozenset[str]:
+        """What this host offers add-ons (both configurations): every query is a learned-content + 4-d anchor
+        pair whose positional query the decoder derives from the anchor."""
+        return frozenset({"anchor_groups", "group_queries", "decoder_layer", "learned_content"})
 
-    train_addons: tuple = ()  # the add-ons the model was built with (models/addon_builder.py)
+    @property
+    def label_table(self) -> nn.Embedding | None:
+        return self.label_enc
 
     def forward(self, samples: NestedTensor | Sequence[Tensor], targets: Sequence[dict] | None = None,
-                providers: Sequence[QueryProvider] | None = None) -> dict:
+                providers: Sequence[QueryProvider] | None = None, ctx: StepContext | None = None) -> DetrOutputs:
         """Detect objects.
 
         Args:
@@ -113,25 +116,25 @@ class AnchorDeformableDETR(nn.Module):
                 DN-DETR's and DINO's ``model(samples, targets)``).
             providers: query-group providers to use instead of the add-ons' (None: in training mode, every
                 enabled add-on's groups, as the official models; in evaluation mode none).
+            ctx: the step context the engine shares with the add-ons' hooks (None: one made from targets).
 
         Returns:
-            dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised cxcywh),
-            ``aux_outputs`` (the same pair for decoder layers 0..L-2), ``enc_outputs`` (two-stage: the
-            top-Q proposals' ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4]), and, when query groups
-            ran, ``groups`` {name: same structure} and ``group_meta`` {name: meta}.
+            DetrOutputs (models/outputs.py): ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4]
+            (normalised cxcywh), ``aux_outputs`` (the same pair for decoder layers 0..L-2), ``enc_outputs``
+            (two-stage: the top-Q proposals' ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4]); in
+            training also ``groups``/``group_meta``, ``o2m_outputs`` and ``encoder``.
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
-        if providers is None:
-            providers = query_providers(self.train_addons, StepContext(targets)) if self.training else ()
-        srcs, masks, pos = self._pyramid(samples)
+        providers = self.addon_providers(samples, targets, ctx, providers)
+        srcs, masks, pos = self.pyramid(samples)
         if self.two_stage:
             heads = (self.transformer.enc_out_class_embed, self.transformer.enc_out_bbox_embed)
             out = self.transformer(srcs, masks, pos, enc_heads=heads, providers=providers)
         else:
             q = self.num_queries
-            out = self.transformer(srcs, masks, pos, with_indicator(self.tgt_embed.weight[:q], self.content_indicator),
-                                   self.refpoint_embed.weight[:q], providers=providers)
+            content = pad_content(self.tgt_embed.weight[:q], self.reserved_content_channels)
+            out = self.transformer(srcs, masks, pos, content, self.refpoint_embed.weight[:q], providers=providers)
         return self.format_outputs(out)
 
     def group_queries(self, enc: EncoderOutput, start: int, count: int) -> tuple[Tensor, Tensor, None] | None:
@@ -147,12 +150,10 @@ class AnchorDeformableDETR(nn.Module):
             tgt, reference, _, _ = self.transformer.proposal_queries(enc.enc_logits, enc.enc_coord_unact, start, count)
             return (tgt, reference, None) if tgt.shape[1] else None
         bs = enc.memory.shape[0]
-        tgt = with_indicator(self.tgt_embed.weight[start:start + count], self.content_indicator)
+        tgt = pad_content(self.tgt_embed.weight[start:start + count], self.reserved_content_channels)
         tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
         reference = self.refpoint_embed.weight[start:start + count].sigmoid().unsqueeze(0).expand(bs, -1, -1)
         return tgt, reference, None
-
-    _layer_dict = DeformableDETR._layer_dict  # {last layer, aux_outputs} from per-layer logits and boxes
 
     def predict(self, hs: Tensor, references: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-layer class logits and sigmoid boxes of features hs [L, B, T, C] relative to anchors [L, B, T, 4]."""
@@ -161,28 +162,16 @@ class AnchorDeformableDETR(nn.Module):
                  for lvl in range(hs.shape[0])]
         return logits, boxes
 
-    def format_outputs(self, out: AnchorTransformerOutput) -> dict[str, Any]:
-        """Per-layer predictions, split into the main queries and each group."""
+    def format_outputs(self, out: AnchorTransformerOutput) -> DetrOutputs:
+        """Per-layer predictions, split into the main queries and each group (models/outputs.py)."""
         dec = out.decoder
-        sizes = [out.num_queries] + [g.size for g in out.groups]
         hs = dec.hs
         if self.label_enc is not None:  # as DINO: keeps the label table in the graph (DDP) when nothing uses it
             hs = torch.cat([hs[:1] + self.label_enc.weight[0, 0] * 0.0, hs[1:]])
         logits, boxes = self.predict(hs, dec.pred_references)
-        split_logits = [torch.split(x, sizes, 1) for x in logits]
-        split_boxes = [torch.split(x, sizes, 1) for x in boxes]
-        result: dict[str, Any] = {}
-        for gi, name in enumerate([None] + [g.name for g in out.groups]):
-            part = self._layer_dict([x[gi] for x in split_logits], [x[gi] for x in split_boxes])
-            if name is None:
-                result.update(part)
-            else:
-                result.setdefault("groups", {})[name] = part
+        o2m = None
         if dec.o2m_hs is not None:  # MS-DETR: one-to-many predictions of the main queries, same anchors
             q = out.num_queries
-            result["o2m_outputs"] = self._layer_dict(*self.predict(dec.o2m_hs[:, :, :q], dec.pred_references[:, :, :q]))
-        if out.enc_outputs is not None:
-            result["enc_outputs"] = out.enc_outputs
-        if out.groups:
-            result["group_meta"] = {g.name: g.meta for g in out.groups}
-        return result
+            o2m = self.predict(dec.o2m_hs[:, :, :q], dec.pred_references[:, :, :q])
+        return assemble_outputs(logits, boxes, out.num_queries, out.groups, self.aux_loss, o2m, out.enc_outputs,
+                                out.encoder if self.training else None)

@@ -10,7 +10,6 @@ models/query_groups.py and are refined exactly like them.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -18,37 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .deformable_detr import MLP
 from .deformable_transformer import (
-    DeformableTransformer,
     DeformableTransformerDecoderLayer,
     DeformableTransformerEncoder,
     DeformableTransformerEncoderLayer,
-    refine_boxes,
+    MultiScaleTransformer,
 )
+from .layers import MLP, pad_content, refine_boxes, sine_embed_boxes
 from .ops import MSDeformAttn
-from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask
+from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask, collect_groups
 
 ANCHOR_EPS = 1e-3  # clamp of the inverse sigmoid in DAB-DETR, DN-DETR and DINO (Deformable-DETR: 1e-5)
-
-
-def sine_embed_boxes(boxes: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
-    """[..., 4] (cx, cy, w, h) in [0, 1] -> [..., 2 * d_model] sine embedding ordered (y, x, w, h) (spec §0.3)."""
-    num_feats = d_model // 2
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-
-    def embed(u: Tensor) -> Tensor:
-        pos = u[..., None] * (2 * math.pi) / dim_t
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), -1).flatten(-2)
-
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.cat([embed(cy), embed(cx), embed(w), embed(h)], -1)
-
-
-def with_indicator(content: Tensor, indicator: bool) -> Tensor:
-    """DN-DETR's indicator bit: [N, C-1] learned content -> [N, C] with a last channel of 0 (identity if off)."""
-    return nn.functional.pad(content, (0, 1)) if indicator else content
 
 
 @dataclass
@@ -125,15 +104,17 @@ class AnchorDeformableDecoder(nn.Module):
 @dataclass
 class AnchorTransformerOutput:
     """decoder: per-layer results for main queries and groups (T = Q + groups); groups: in order;
-    enc_outputs: two-stage top-k proposals {pred_logits [B, Q, K], pred_boxes [B, Q, 4]} or None."""
+    enc_outputs: two-stage top-k proposals {pred_logits [B, Q, K], pred_boxes [B, Q, 4]} or None;
+    encoder: the encoder's output (memory, padding mask, shapes, proposals) as the add-ons see it."""
 
     decoder: AnchorDecoderOutput
     groups: list[QueryGroup]
     num_queries: int
     enc_outputs: dict[str, Tensor] | None = None
+    encoder: EncoderOutput | None = None
 
 
-class AnchorDeformableTransformer(nn.Module):
+class AnchorDeformableTransformer(MultiScaleTransformer):
     """Deformable encoder + anchor decoder, one-stage (learned anchors) or DINO two-stage.
 
     Args:
@@ -147,8 +128,8 @@ class AnchorDeformableTransformer(nn.Module):
             built like the main queries (H-DETR's one-to-many queries); never used at evaluation.
         decoder_layer: decoder-layer class (or factory) with the standard layer's arguments (MS-DETR's
             layer, asked for by its add-on); None = the standard layer.
-        content_indicator: two-stage: DN-DETR's indicator bit; ``tgt_embed`` is C-1 wide and the content
-            queries end in a 0 channel (denoising queries end in 1).
+        reserved_content_channels: two-stage: trailing content channels reserved by an add-on (DN-DETR's
+            indicator bit: 1): ``tgt_embed`` is that much narrower and the content queries end in zeros.
         mask_invalid_proposals: two-stage: padded and border tokens are never selected (DINO's top-k ranks
             every token, spec P14).
     """
@@ -159,12 +140,12 @@ class AnchorDeformableTransformer(nn.Module):
                  two_stage: bool = False, conditional_scale: bool = False, final_norm: bool = False,
                  look_forward_twice: bool = False, use_checkpoint: bool = False, msda_impl: str = "auto",
                  num_extra_queries: int = 0, decoder_layer: Callable[..., nn.Module] | None = None,
-                 content_indicator: bool = False, mask_invalid_proposals: bool = False) -> None:
+                 reserved_content_channels: int = 0, mask_invalid_proposals: bool = False) -> None:
         super().__init__()
         self.d_model, self.nhead, self.two_stage = d_model, nhead, two_stage
         self.mask_invalid_proposals = mask_invalid_proposals
         self.num_queries = num_queries
-        self.content_indicator = content_indicator and two_stage
+        self.reserved_content_channels = reserved_content_channels if two_stage else 0
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
                                                       num_feature_levels, nhead, enc_n_points, msda_impl)
         self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers, use_checkpoint)
@@ -174,7 +155,7 @@ class AnchorDeformableTransformer(nn.Module):
                                                final_norm, look_forward_twice, use_checkpoint)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
-            self.tgt_embed = nn.Embedding(num_queries + num_extra_queries, d_model - int(self.content_indicator))
+            self.tgt_embed = nn.Embedding(num_queries + num_extra_queries, d_model - self.reserved_content_channels)
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
         self._reset_parameters()
@@ -187,23 +168,6 @@ class AnchorDeformableTransformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-
-    # The proposal generator and valid ratios are Deformable-DETR's (same attribute names).
-    gen_encoder_output_proposals = DeformableTransformer.gen_encoder_output_proposals
-    get_valid_ratio = staticmethod(DeformableTransformer.get_valid_ratio)
-
-    def _flatten(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
-        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(tuple(src.shape[-2:]))
-            src_flatten.append(src.flatten(2).transpose(1, 2))
-            mask_flatten.append(mask.flatten(1))
-            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
-        return (torch.cat(src_flatten, 1), torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), shapes,
-                spatial_shapes, level_start_index, valid_ratios)
 
     def _proposals(self, memory: Tensor, mask_flatten: Tensor, shapes: Sequence[tuple[int, int]],
                    enc_heads: tuple[nn.Module, nn.Module]) -> tuple[Tensor, Tensor]:
@@ -233,7 +197,7 @@ class AnchorDeformableTransformer(nn.Module):
         topk_idx = self.rank_proposals(scores, end)[:, start:]
         coords = torch.gather(enc_coord_unact, 1, topk_idx.unsqueeze(-1).expand(-1, -1, 4))
         logits = torch.gather(enc_logits, 1, topk_idx.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
-        tgt = with_indicator(self.tgt_embed.weight[start:end], self.content_indicator)
+        tgt = pad_content(self.tgt_embed.weight[start:end], self.reserved_content_channels)
         tgt = tgt.unsqueeze(0).expand(enc_logits.shape[0], -1, -1)
         return tgt, coords.detach().sigmoid(), logits, coords
 
@@ -248,9 +212,11 @@ class AnchorDeformableTransformer(nn.Module):
             enc_heads: two-stage: (class head, box head) of the encoder proposals.
             providers: callables returning extra QueryGroups (anchors only: their query_pos must be None).
         """
-        src, mask_flatten, pos, shapes, spatial_shapes, level_start_index, valid_ratios = self._flatten(
-            srcs, masks, pos_embeds)
-        memory = self.encoder(src, shapes, spatial_shapes, level_start_index, valid_ratios, pos, mask_flatten)
+        flat = self.flatten(srcs, masks, pos_embeds)
+        shapes, spatial_shapes, level_start_index = flat.shapes, flat.spatial_shapes, flat.level_start_index
+        mask_flatten, valid_ratios = flat.mask, flat.valid_ratios
+        memory = self.encoder(flat.src, shapes, spatial_shapes, level_start_index, valid_ratios, flat.pos,
+                              mask_flatten)
         bs = memory.shape[0]
         enc_outputs = enc_logits = enc_coord_unact = None
         if self.two_stage:
@@ -264,11 +230,9 @@ class AnchorDeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
         num_queries = tgt.shape[1]
 
-        groups: list[QueryGroup] = []
-        if providers:
-            enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries, enc_logits,
-                                enc_coord_unact)
-            groups = [g for g in (p(enc) for p in providers) if g is not None]
+        enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries, enc_logits,
+                            enc_coord_unact)
+        groups = collect_groups(providers, enc) if providers else []
         attn_mask = build_group_attn_mask(num_queries, groups, memory.device)
         for g in groups:
             if g.query_pos is not None or g.reference.shape[-1] != 4:
@@ -279,4 +243,4 @@ class AnchorDeformableTransformer(nn.Module):
             reference = torch.cat([reference] + [g.reference for g in groups], 1)
         dec = self.decoder(tgt, reference, memory, spatial_shapes, level_start_index, valid_ratios, mask_flatten,
                            attn_mask)
-        return AnchorTransformerOutput(dec, groups, num_queries, enc_outputs)
+        return AnchorTransformerOutput(dec, groups, num_queries, enc_outputs, enc)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
-from .base import TERMS, AddOn, Indices, LossGroup, LossSpec, loss_key
+from .addons.base import AddOn, Indices, LossGroup, LossSpec, StepContext, loss_key, overrides
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25,
@@ -155,11 +155,19 @@ class SetCriterion(nn.Module):
             enc_targets = targets
             if self.enc_class_agnostic:  # copies: the targets themselves are never modified
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            matchers = [m for m in (a.encoder_matcher(outputs["enc_outputs"]) for a in self.addons) if m is not None]
-            if len(matchers) > 1:
-                raise ValueError("more than one add-on replaces the encoder-proposal matcher")
-            groups.append(LossGroup("enc", outputs["enc_outputs"], enc_targets, matcher=(matchers or [None])[0]))
+            groups.append(LossGroup("enc", outputs["enc_outputs"], enc_targets))
         return groups
+
+    def _assign(self, group: LossGroup, ctx: StepContext) -> LossGroup:
+        """The group with its assigner replaced by an add-on's ``assigner`` hook (at most one may)."""
+        found = [(a.name, m) for a in self.addons if overrides(a, "assigner")
+                 for m in [a.assigner(group, ctx)] if m is not None]
+        if len(found) > 1:
+            raise ValueError(f"more than one add-on replaces the assigner of group {group.suffix!r}: "
+                             f"{[n for n, _ in found]}")
+        if found:
+            group.matcher = found[0][1]
+        return group
 
     def _num_boxes(self, groups: Sequence[LossGroup], device: torch.device) -> list[Tensor]:
         counts = [float(sum(len(t["labels"]) for t in g.targets)) if g.num_boxes is None else float(g.num_boxes)
@@ -185,15 +193,24 @@ class SetCriterion(nn.Module):
                        loss_key(name, None, group.suffix)] = value
         return losses
 
-    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-        """Loss dict of the main branch and every add-on group (see the class docstring)."""
+    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]],
+                ctx: StepContext | None = None) -> dict[str, Tensor]:
+        """Loss dict of the main branch and every add-on group and term (see the class docstring).
+
+        ``ctx``: the step context shared with the add-ons' hooks (None: one made from ``targets``).
+        """
+        ctx = ctx if ctx is not None else StepContext(targets=targets)
         groups = self.main_groups(outputs, targets)
         for addon in self.addons:
-            groups.extend(addon.loss_groups(outputs, targets))
+            groups.extend(addon.loss_groups(outputs, ctx))
+        groups = [self._assign(g, ctx) for g in groups]
         device = outputs["pred_logits"].device
         losses: dict[str, Tensor] = {}
         for group, num_boxes in zip(groups, self._num_boxes(groups, device)):
             losses.update(self.group_losses(group, num_boxes))
+        for addon in self.addons:
+            if overrides(addon, "extra_losses"):
+                losses.update(addon.extra_losses(outputs, ctx))
         undeclared = [k for k in losses if k.startswith("loss_") and k not in self.weight_dict]
         if undeclared:
             raise KeyError(f"loss keys without a declared weight (missing LossSpec): {undeclared}")
@@ -209,4 +226,3 @@ def main_coefs(args: Any) -> dict[str, float]:
     return {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
 
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss", "main_coefs", "TERMS"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from util.errors import FlagError
 
-from .addon_builder import build_addons, model_options
+from .addons import HostRequest, build_addons, plan_addons
 from .anchor_detr import AnchorDeformableDETR
 from .anchor_transformer import AnchorDeformableTransformer
 from .backbone import build_backbone
@@ -53,12 +53,12 @@ def check_anchor_args(args: Any, model: str) -> None:
         raise FlagError(f"--hidden_dim must be a multiple of 32 (GroupNorm(32)), got {args.hidden_dim}")
 
 
-def build_anchor_transformer(args: Any, two_stage: bool, conditional_scale: bool, final_norm: bool,
-                             look_forward_twice: bool, content_indicator: bool = False) -> AnchorDeformableTransformer:
-    """The anchor transformer from the flags, with what the enabled add-ons ask of it (ModelOptions):
-    MS-DETR's decoder layer, DN-DETR's indicator bit (also forced by ``content_indicator``: DN-DETR's own
-    model always has it) and (two-stage) extra content rows for H-DETR's one-to-many queries."""
-    options = model_options(args)
+def build_anchor_transformer(args: Any, request: HostRequest, two_stage: bool, conditional_scale: bool,
+                             final_norm: bool, look_forward_twice: bool,
+                             reserved_content_channels: int = 0) -> AnchorDeformableTransformer:
+    """The anchor transformer from the flags and what the add-ons request (MS-DETR's decoder layer, reserved
+    content channels: DN-DETR's indicator bit, also DN-DETR's own model's; two-stage: extra content rows
+    for H-DETR's one-to-many queries)."""
     return AnchorDeformableTransformer(
         d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
         num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
@@ -66,22 +66,20 @@ def build_anchor_transformer(args: Any, two_stage: bool, conditional_scale: bool
         enc_n_points=args.enc_n_points, num_queries=args.num_queries, two_stage=two_stage,
         conditional_scale=conditional_scale, final_norm=final_norm, look_forward_twice=look_forward_twice,
         use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl,
-        num_extra_queries=options.extra_queries if two_stage else 0, decoder_layer=options.decoder_layer,
-        content_indicator=options.content_indicator or content_indicator,
-        mask_invalid_proposals=args.mask_invalid_proposals)
+        num_extra_queries=request.extra_queries if two_stage else 0, decoder_layer=request.decoder_layer,
+        reserved_content_channels=reserved_content_channels, mask_invalid_proposals=args.mask_invalid_proposals)
 
 
-def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, *, share_class_head: bool = False,
-                      share_box_head: bool = False, box_bias_quirk: bool = True, enc_class_agnostic: bool = True,
-                      num_backbone_levels: int = 3, pe_temperature: float = 10000.0, pe_offset: float = -0.5,
-                      content_indicator: bool = False, label_table: bool = False
-                      ) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, request: HostRequest,
+                      addon_classes: list, *, share_class_head: bool = False, share_box_head: bool = False,
+                      box_bias_quirk: bool = True, enc_class_agnostic: bool = True, num_backbone_levels: int = 3,
+                      pe_temperature: float = 10000.0, pe_offset: float = -0.5, reserved_content_channels: int = 0,
+                      label_table: bool = False) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """Backbone, detector, add-ons, criterion and post-processor around an anchor transformer.
 
     ``pe_temperature``/``pe_offset``: the model's image position encoding (``--pe_temperatureH/W`` override
     the temperature); ``label_table``: the model owns the official ``label_enc`` (K + 1 rows).
     """
-    options = model_options(args)
     temp_h = pe_temperature if args.pe_temperatureH is None else args.pe_temperatureH
     temp_w = pe_temperature if args.pe_temperatureW is None else args.pe_temperatureW
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding, temp_h, temp_w, pe_offset)
@@ -93,10 +91,10 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, *, sh
                                  num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                                  share_class_head=share_class_head, share_box_head=share_box_head,
                                  box_bias_quirk=box_bias_quirk, random_refpoints_xy=args.random_refpoints_xy,
-                                 num_extra_queries=options.extra_queries,
-                                 content_indicator=options.content_indicator or content_indicator,
+                                 num_extra_queries=request.extra_queries,
+                                 reserved_content_channels=reserved_content_channels,
                                  label_table=args.num_classes + 1 if label_table else 0)
-    addons = build_addons(args, model)
+    addons = build_addons(args, model, addon_classes)
     criterion = SetCriterion(args.num_classes, build_matcher(args), main_coefs(args),
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0,
                              two_stage=transformer.two_stage, focal_alpha=args.focal_alpha, addons=addons,
@@ -105,15 +103,24 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, *, sh
     return model, criterion, {"bbox": PostProcess(topk)}
 
 
+def plan_anchor_addons(args: Any, forced_reserved: int = 0) -> tuple[list, HostRequest, int]:
+    """The add-ons of an anchor host, their request, and the content channels to reserve (at least
+    ``forced_reserved``: DN-DETR's model always has its indicator bit)."""
+    classes, request = plan_addons(args, AnchorDeformableDETR.host_capabilities())
+    return classes, request, max(request.reserved_content_channels, forced_reserved)
+
+
 def _build_dab(args: Any, name: str, dn_detr: bool) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     check_anchor_args(args, name)
     if args.two_stage or args.mixed_selection:
         raise FlagError(f"{name} is one-stage (learned anchors); use -m dino for two-stage "
-                         f"with mixed query selection")
-    transformer = build_anchor_transformer(args, two_stage=False, conditional_scale=True, final_norm=False,
-                                           look_forward_twice=args.look_forward_twice, content_indicator=dn_detr)
-    return build_anchor_detr(args, transformer, enc_class_agnostic=True, content_indicator=dn_detr,
-                             label_table=dn_detr, num_backbone_levels=backbone_levels(args.num_feature_levels))
+                        f"with mixed query selection")
+    classes, request, reserved = plan_anchor_addons(args, forced_reserved=int(dn_detr))
+    transformer = build_anchor_transformer(args, request, two_stage=False, conditional_scale=True, final_norm=False,
+                                           look_forward_twice=args.look_forward_twice)
+    return build_anchor_detr(args, transformer, request, classes, enc_class_agnostic=True,
+                             reserved_content_channels=reserved, label_table=dn_detr,
+                             num_backbone_levels=backbone_levels(args.num_feature_levels))
 
 
 def build_dab_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:

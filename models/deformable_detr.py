@@ -11,37 +11,26 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util import box_ops
 from util.errors import FlagError
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
+from .addons import HostRequest, StepContext, build_addons, plan_addons
 from .backbone import Joiner, build_backbone
-from .criterion import ModelOptions, SetCriterion, StepContext, main_coefs, query_providers
-from .deformable_transformer import DeformableTransformer, TransformerOutput, refine_boxes, top_proposals
+from .criterion import SetCriterion, main_coefs
+from .deformable_transformer import DeformableTransformer, TransformerOutput, top_proposals
+from .detector import Detector
+from .layers import MLP, refine_boxes
 from .matcher import build_matcher
+from .outputs import DetrOutputs, assemble_outputs
 from .position_encoding import build_position_encoding
 from .query_groups import EncoderOutput, QueryProvider
 from .registry import register_model
 
 
-class MLP(nn.Module):
-    """Simple multi-layer perceptron (the box head): Linear-ReLU ... Linear."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
-        return x
-
-
-class DeformableDETR(nn.Module):
+class DeformableDETR(Detector):
     """Deformable DETR detector.
 
     Args:
@@ -68,21 +57,19 @@ class DeformableDETR(nn.Module):
         self.num_feature_levels = num_feature_levels
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
         self.mixed_selection = mixed_selection
+        self.capabilities = self.host_capabilities(two_stage)
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim * 2)
         elif mixed_selection:
             self.query_embed = nn.Embedding(num_queries + num_extra_queries, hidden_dim)
-        self.input_proj = self._input_proj(backbone, hidden_dim, num_feature_levels)
+        self.input_proj = self.input_projections(backbone, hidden_dim, num_feature_levels)
         self.backbone = backbone
 
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.constant_(proj[0].bias, 0)
         num_dec = transformer.decoder.num_layers
         if with_box_refine:
             num_pred = num_dec + 1 if two_stage else num_dec
@@ -106,36 +93,10 @@ class DeformableDETR(nn.Module):
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
 
     @staticmethod
-    def _input_proj(backbone: Joiner, hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
-        """1x1 conv + GN per backbone level; 3x3 stride-2 conv + GN per extra level.
-
-        GroupNorm has the official 32 groups; a tiny model (hidden_dim 32) gets 16, because one channel
-        per group on a 1x1 map of one image has a single value per group, which GroupNorm rejects.
-        """
-        groups = 32 if hidden_dim >= 64 else hidden_dim // 2
-        if num_feature_levels == 1:
-            return nn.ModuleList([nn.Sequential(nn.Conv2d(backbone.num_channels[-1], hidden_dim, 1),
-                                                nn.GroupNorm(groups, hidden_dim))])
-        projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(groups, hidden_dim))
-                 for c in backbone.num_channels]
-        in_channels = backbone.num_channels[-1]
-        for _ in range(num_feature_levels - len(backbone.num_channels)):
-            projs.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1),
-                                       nn.GroupNorm(groups, hidden_dim)))
-            in_channels = hidden_dim
-        return nn.ModuleList(projs)
-
-    def _pyramid(self, samples: NestedTensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        features, pos = self.backbone(samples)
-        srcs = [proj(f.tensors) for proj, f in zip(self.input_proj, features)]
-        masks = [f.mask for f in features]
-        for lvl in range(len(srcs), self.num_feature_levels):
-            src = self.input_proj[lvl](features[-1].tensors if lvl == len(features) else srcs[-1])
-            mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
-            srcs.append(src)
-            masks.append(mask)
-            pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
-        return srcs, masks, pos
+    def host_capabilities(two_stage: bool) -> frozenset[str]:
+        """What this host offers add-ons: two-stage queries carry 4-d boxes whose positional queries the
+        transformer derives (``pos_trans``), so anchor groups (denoising) need two-stage."""
+        return frozenset({"group_queries", "decoder_layer"} | ({"anchor_groups"} if two_stage else set()))
 
     def query_embeds(self) -> Tensor | None:
         """The learned query table handed to the transformer (None in plain two-stage)."""
@@ -166,10 +127,8 @@ class DeformableDETR(nn.Module):
                                                                     enc.memory.shape[0])
         return tgt, reference, query_pos
 
-    train_addons: tuple = ()  # the add-ons the model was built with (models/addon_builder.py)
-
     def forward(self, samples: NestedTensor | Sequence[Tensor], targets: Sequence[dict] | None = None,
-                providers: Sequence[QueryProvider] | None = None) -> dict:
+                providers: Sequence[QueryProvider] | None = None, ctx: StepContext | None = None) -> DetrOutputs:
         """Detect objects.
 
         Args:
@@ -178,21 +137,20 @@ class DeformableDETR(nn.Module):
                 denoising: the official ``model(samples, targets)``).
             providers: query-group providers to use instead of the add-ons' (None: in training mode, every
                 enabled add-on's groups, as the official models return them; in evaluation mode none).
+            ctx: the step context the engine shares with the add-ons' hooks (None: one made from targets).
 
         Returns:
-            dict with ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4] (normalised
-            cxcywh), ``aux_outputs`` (list of the same pair for decoder layers 0..L-2, with aux loss),
-            ``enc_outputs`` (two-stage: proposal ``pred_logits`` [B, S, K] and ``pred_boxes`` [B, S, 4],
-            and the tokens' fixed ``anchors`` [B, S, 4] sigmoid space with ``anchor_valid`` [B, S] bool),
-            ``groups`` {name: same structure as the main outputs} when query groups ran, and
-            ``o2m_outputs`` (same structure, main queries only) when the decoder layers make one-to-many
-            features (MS-DETR).
+            DetrOutputs (models/outputs.py): ``pred_logits`` [B, Q, K] (unnormalised), ``pred_boxes`` [B, Q, 4]
+            (normalised cxcywh), ``aux_outputs`` (the same pair for decoder layers 0..L-2, with aux loss),
+            ``enc_outputs`` (two-stage: proposal ``pred_logits`` [B, S, K] and ``pred_boxes`` [B, S, 4], and
+            the tokens' fixed ``anchors`` [B, S, 4] sigmoid space with ``anchor_valid`` [B, S] bool); in
+            training also ``groups``/``group_meta`` of the add-ons' query groups, ``o2m_outputs`` (MS-DETR's
+            layers) and ``encoder`` (memory, masks, shapes).
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
-        if providers is None:
-            providers = query_providers(self.train_addons, StepContext(targets)) if self.training else ()
-        srcs, masks, pos = self._pyramid(samples)
+        providers = self.addon_providers(samples, targets, ctx, providers)
+        srcs, masks, pos = self.pyramid(samples)
         out = self.transformer(srcs, masks, pos, self.query_embeds(), (self.class_embed[-1], self.bbox_embed[-1]),
                                providers)
         return self.format_outputs(out)
@@ -209,39 +167,22 @@ class DeformableDETR(nn.Module):
                 boxes.append(refine_boxes(self.bbox_embed[lvl](hs[lvl]), init_reference))
         return logits, boxes
 
-    def format_outputs(self, out: TransformerOutput) -> dict[str, Any]:
-        """Per-layer class/box predictions, split into main queries and groups."""
+    def format_outputs(self, out: TransformerOutput) -> DetrOutputs:
+        """Per-layer class/box predictions, split into main queries and groups (models/outputs.py)."""
         dec = out.decoder
         logits, boxes = self.predict(dec.hs, dec.box_logits, out.init_reference)
-        sizes = [out.num_queries] + [g.size for g in out.groups]
-        names = [None] + [g.name for g in out.groups]
-        split_logits = [torch.split(x, sizes, dim=1) for x in logits]
-        split_boxes = [torch.split(x, sizes, dim=1) for x in boxes]
-        result: dict[str, Any] = {}
-        for gi, name in enumerate(names):
-            part = self._layer_dict([x[gi] for x in split_logits], [x[gi] for x in split_boxes])
-            if name is None:
-                result.update(part)
-            else:
-                result.setdefault("groups", {})[name] = part
+        o2m = None
         if dec.o2m_hs is not None:
             q = out.num_queries
-            o2m_logits, o2m_boxes = self.predict(dec.o2m_hs[:, :, :q], None if dec.o2m_box_logits is None else
-                                                 dec.o2m_box_logits[:, :, :q], out.init_reference[:, :q])
-            result["o2m_outputs"] = self._layer_dict(o2m_logits, o2m_boxes)
+            o2m = self.predict(dec.o2m_hs[:, :, :q], None if dec.o2m_box_logits is None else
+                               dec.o2m_box_logits[:, :, :q], out.init_reference[:, :q])
+        enc_outputs = None
         if out.enc_logits is not None:
-            result["enc_outputs"] = {"pred_logits": out.enc_logits, "pred_boxes": out.enc_coord_unact.sigmoid(),
-                                     "anchors": out.enc_anchors.sigmoid(),
-                                     "anchor_valid": torch.isfinite(out.enc_anchors).all(-1)}
-        if out.groups:
-            result["group_meta"] = {g.name: g.meta for g in out.groups}
-        return result
-
-    def _layer_dict(self, logits: list[Tensor], boxes: list[Tensor]) -> dict[str, Any]:
-        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+            enc_outputs = {"pred_logits": out.enc_logits, "pred_boxes": out.enc_coord_unact.sigmoid(),
+                           "anchors": out.enc_anchors.sigmoid(),
+                           "anchor_valid": torch.isfinite(out.enc_anchors).all(-1)}
+        return assemble_outputs(logits, boxes, out.num_queries, out.groups, self.aux_loss, o2m, enc_outputs,
+                                out.encoder if self.training else None)
 
 
 class PostProcess(nn.Module):
@@ -270,16 +211,16 @@ class PostProcess(nn.Module):
         return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(topk_values, labels, boxes)]
 
 
-def build_deformable_transformer(args: Any, options: ModelOptions | None = None) -> DeformableTransformer:
-    """The transformer from the official flags; ``options`` carries the add-ons' decoder-layer variant."""
-    options = options or ModelOptions()
+def build_deformable_transformer(args: Any, request: HostRequest | None = None) -> DeformableTransformer:
+    """The transformer from the official flags; ``request`` carries the add-ons' decoder-layer factory."""
+    request = request or HostRequest()
     return DeformableTransformer(
         d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
         num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
         activation="relu", num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points,
         enc_n_points=args.enc_n_points, two_stage=args.two_stage, two_stage_num_proposals=args.num_queries,
         mixed_selection=args.mixed_selection, look_forward_twice=args.look_forward_twice,
-        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl, decoder_layer=options.decoder_layer,
+        use_checkpoint=args.use_checkpoint, msda_impl=args.msda_impl, decoder_layer=request.decoder_layer,
         mask_invalid_proposals=args.mask_invalid_proposals)
 
 
@@ -322,21 +263,19 @@ def enc_coefs(args: Any) -> dict[str, float]:
 @register_model("deformable_detr")
 def build_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """Deformable-DETR from the official flags (models/__init__.py adds the add-ons)."""
-    from .addon_builder import build_addons, model_options  # local: add-on modules import this file's helpers
-
     check_args(args)
-    options = model_options(args)
+    classes, request = plan_addons(args, DeformableDETR.host_capabilities(args.two_stage))
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding)
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
                               from_scratch=args.backbone_from_scratch,
                               num_backbone_levels=backbone_levels(args.num_feature_levels))
-    model = DeformableDETR(backbone, build_deformable_transformer(args, options), num_classes=args.num_classes,
+    model = DeformableDETR(backbone, build_deformable_transformer(args, request), num_classes=args.num_classes,
                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                            aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,
-                           mixed_selection=args.mixed_selection, num_extra_queries=options.extra_queries)
-    addons = build_addons(args, model)
+                           mixed_selection=args.mixed_selection, num_extra_queries=request.extra_queries)
+    addons = build_addons(args, model, classes)
     criterion = SetCriterion(args.num_classes, build_matcher(args), main_coefs(args),
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0, two_stage=args.two_stage,
                              enc_coefs=enc_coefs(args), focal_alpha=args.focal_alpha, addons=addons)

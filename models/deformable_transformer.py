@@ -18,23 +18,11 @@ from torch.utils.checkpoint import checkpoint
 
 from util.misc import inverse_sigmoid
 
+from .layers import refine_boxes
 from .ops import MSDeformAttn
-from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask
+from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask, collect_groups
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
-
-
-def refine_boxes(delta: Tensor, reference: Tensor, activate: bool = True, eps: float = 1e-5) -> Tensor:
-    """delta + inverse_sigmoid(reference), optionally through the sigmoid.
-
-    For 2-d references (one-stage, first layer) only (cx, cy) are offset; (w, h) come from delta.
-    ``eps`` is the clamp of the inverse sigmoid: 1e-5 in Deformable-DETR, 1e-3 in DAB/DN-DETR/DINO.
-    """
-    if reference.shape[-1] == 4:
-        out = delta + inverse_sigmoid(reference, eps)
-    else:
-        out = torch.cat([delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]], -1)
-    return out.sigmoid() if activate else out
 
 
 def top_proposals(enc_logits: Tensor, enc_coord_unact: Tensor, valid: Tensor | None, k: int) -> Tensor:
@@ -265,6 +253,7 @@ class TransformerOutput:
         enc_logits: [B, S, K] encoder proposal logits (two-stage), else None.
         enc_coord_unact: [B, S, 4] encoder proposal boxes before sigmoid (two-stage), else None.
         enc_anchors: [B, S, 4] the fixed anchor of every token before sigmoid (+inf where invalid; two-stage).
+        encoder: the encoder's output (memory, padding mask, shapes, proposals) as the add-ons see it.
     """
 
     decoder: DecoderOutput
@@ -274,9 +263,93 @@ class TransformerOutput:
     enc_logits: Tensor | None = None
     enc_coord_unact: Tensor | None = None
     enc_anchors: Tensor | None = None
+    encoder: EncoderOutput | None = None
 
 
-class DeformableTransformer(nn.Module):
+@dataclass
+class FlatInputs:
+    """The multi-scale input as one token sequence.
+
+    Attributes:
+        src, pos: [B, S, C] features and positions (+ level embedding); mask: [B, S] bool padding.
+        shapes: (H_l, W_l) per level as Python ints; spatial_shapes: the same as [L, 2] int64;
+        level_start_index: [L] first token of every level; valid_ratios: [B, L, 2] (w, h) valid fraction.
+    """
+
+    src: Tensor
+    mask: Tensor
+    pos: Tensor
+    shapes: list[tuple[int, int]]
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+
+
+class MultiScaleTransformer(nn.Module):
+    """What the deformable transformers share: the flattened multi-scale input and the encoder proposals.
+
+    Subclasses own ``level_embed`` [L, C] and, for two-stage, ``enc_output`` / ``enc_output_norm``.
+    """
+
+    level_embed: nn.Parameter
+
+    def flatten(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]) -> FlatInputs:
+        """Per-level maps [B, C, H, W] (and masks [B, H, W], positions) -> one token sequence per image."""
+        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            _, _, h, w = src.shape
+            shapes.append((h, w))
+            src_flatten.append(src.flatten(2).transpose(1, 2))
+            mask_flatten.append(mask.flatten(1))
+            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flatten = torch.cat(src_flatten, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
+        return FlatInputs(src_flatten, torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), shapes, spatial_shapes,
+                          level_start_index, valid_ratios)
+
+    def gen_encoder_output_proposals(self, memory: Tensor, memory_padding_mask: Tensor,
+                                     shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Anchor per token (cell centre, size 0.05 * 2^l) and the projected memory.
+
+        Returns:
+            output_memory [B, S, C], output_proposals [B, S, 4] in logit space (+inf where invalid),
+            valid [B, S] bool.
+        """
+        n = memory.shape[0]
+        proposals, cur = [], 0
+        for lvl, (h, w) in enumerate(shapes):
+            mask = memory_padding_mask[:, cur:cur + h * w].view(n, h, w)
+            valid_h = torch.sum(~mask[:, :, 0], 1)
+            valid_w = torch.sum(~mask[:, 0, :], 1)
+            grid_y, grid_x = torch.meshgrid(
+                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device), indexing="ij")
+            grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
+            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
+            grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
+            wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+            proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
+            cur += h * w
+        output_proposals = torch.cat(proposals, 1)
+        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1) & ~memory_padding_mask
+        output_proposals = torch.log(output_proposals / (1 - output_proposals))
+        output_proposals = output_proposals.masked_fill(~valid.unsqueeze(-1), float("inf"))
+        output_memory = memory.masked_fill(~valid.unsqueeze(-1), 0.0)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        return output_memory, output_proposals, valid
+
+    @staticmethod
+    def get_valid_ratio(mask: Tensor) -> Tensor:
+        """[B, H, W] padding mask -> [B, 2] valid fraction (w, h)."""
+        _, h, w = mask.shape
+        valid_h = torch.sum(~mask[:, :, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+class DeformableTransformer(MultiScaleTransformer):
     """Encoder + decoder of Deformable-DETR (one-stage, or two-stage with encoder proposals).
 
     Args:
@@ -346,37 +419,6 @@ class DeformableTransformer(nn.Module):
         pos = proposals[:, :, :, None] / dim_t
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
-    def gen_encoder_output_proposals(self, memory: Tensor, memory_padding_mask: Tensor,
-                                     shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Anchor per token (cell centre, size 0.05 * 2^l) and the projected memory.
-
-        Returns:
-            output_memory [B, S, C], output_proposals [B, S, 4] in logit space (+inf where invalid),
-            valid [B, S] bool.
-        """
-        n = memory.shape[0]
-        proposals, cur = [], 0
-        for lvl, (h, w) in enumerate(shapes):
-            mask = memory_padding_mask[:, cur:cur + h * w].view(n, h, w)
-            valid_h = torch.sum(~mask[:, :, 0], 1)
-            valid_w = torch.sum(~mask[:, 0, :], 1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device), indexing="ij")
-            grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
-            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
-            grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
-            wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
-            proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
-            cur += h * w
-        output_proposals = torch.cat(proposals, 1)
-        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1) & ~memory_padding_mask
-        output_proposals = torch.log(output_proposals / (1 - output_proposals))
-        output_proposals = output_proposals.masked_fill(~valid.unsqueeze(-1), float("inf"))
-        output_memory = memory.masked_fill(~valid.unsqueeze(-1), 0.0)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
-        return output_memory, output_proposals, valid
-
     def proposal_queries(self, coords_unact: Tensor, content: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Two-stage queries from selected proposals.
 
@@ -427,14 +469,6 @@ class DeformableTransformer(nn.Module):
                                              else self.query_pos_from_reference(g.reference) for g in groups], 1)
         return tgt, query_pos, torch.cat([reference] + [g.reference for g in groups], 1)
 
-    @staticmethod
-    def get_valid_ratio(mask: Tensor) -> Tensor:
-        """[B, H, W] padding mask -> [B, 2] valid fraction (w, h)."""
-        _, h, w = mask.shape
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
-        return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
-
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Tensor | None = None, enc_heads: tuple[nn.Module, nn.Module] | None = None,
                 providers: Sequence[QueryProvider] = ()) -> TransformerOutput:
@@ -446,21 +480,10 @@ class DeformableTransformer(nn.Module):
             enc_heads: (class head, box head) scoring the encoder proposals (two-stage).
             providers: callables returning extra QueryGroups (or None) from the encoder output.
         """
-        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            _, _, h, w = src.shape
-            shapes.append((h, w))
-            src_flatten.append(src.flatten(2).transpose(1, 2))
-            mask_flatten.append(mask.flatten(1))
-            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-        src_flatten = torch.cat(src_flatten, 1)
-        mask_flatten = torch.cat(mask_flatten, 1)
-        pos_flatten = torch.cat(pos_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
-
-        memory = self.encoder(src_flatten, shapes, spatial_shapes, level_start_index, valid_ratios, pos_flatten,
+        flat = self.flatten(srcs, masks, pos_embeds)
+        shapes, spatial_shapes, level_start_index = flat.shapes, flat.spatial_shapes, flat.level_start_index
+        mask_flatten, valid_ratios = flat.mask, flat.valid_ratios
+        memory = self.encoder(flat.src, shapes, spatial_shapes, level_start_index, valid_ratios, flat.pos,
                               mask_flatten)
         bs = memory.shape[0]
         enc_logits = enc_coord_unact = output_proposals = None
@@ -478,11 +501,9 @@ class DeformableTransformer(nn.Module):
             tgt, query_pos, reference_points = self.learned_queries(query_embed, bs)
         num_queries = tgt.shape[1]
 
-        groups: list[QueryGroup] = []
-        if providers:
-            enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries, enc_logits,
-                                enc_coord_unact)
-            groups = [g for g in (p(enc) for p in providers) if g is not None]
+        enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries, enc_logits,
+                            enc_coord_unact)
+        groups = collect_groups(providers, enc) if providers else []
         attn_mask = build_group_attn_mask(num_queries, groups, memory.device)
         if groups:
             tgt, query_pos, reference_points = self._append_groups(tgt, query_pos, reference_points, groups)
@@ -490,4 +511,4 @@ class DeformableTransformer(nn.Module):
         dec = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
                            query_pos, mask_flatten, attn_mask)
         return TransformerOutput(dec, reference_points, groups, num_queries, enc_logits, enc_coord_unact,
-                                 output_proposals)
+                                 output_proposals, enc)

@@ -17,7 +17,13 @@ from torch import nn
 from util.errors import FlagError
 
 from .criterion import SetCriterion
-from .dab_deformable_detr import add_anchor_args, build_anchor_detr, build_anchor_transformer, check_anchor_args
+from .dab_deformable_detr import (
+    add_anchor_args,
+    build_anchor_detr,
+    build_anchor_transformer,
+    check_anchor_args,
+    plan_anchor_addons,
+)
 from .deformable_detr import backbone_levels
 from .registry import register_model
 
@@ -30,17 +36,20 @@ def build_dino(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]
         raise FlagError(f"dino always selects its queries from encoder proposals with learned content and refines "
                         f"its boxes; {' '.join(off)} is not supported (use -m dab_deformable_detr for one-stage)")
     # --no-look_forward_twice is DINO's use_detached_boxes_dec_out.
-    transformer = build_anchor_transformer(args, two_stage=True, conditional_scale=False, final_norm=True,
-                                           look_forward_twice=args.look_forward_twice)
+    classes, request, reserved = plan_anchor_addons(args)
+    transformer = build_anchor_transformer(args, request, two_stage=True, conditional_scale=False, final_norm=True,
+                                           look_forward_twice=args.look_forward_twice,
+                                           reserved_content_channels=reserved)
     # 5-scale: C2-C5 plus one extra level (DINO_5scale's return_interm_indices [0, 1, 2, 3]).
     num_backbone_levels = 4 if args.num_feature_levels >= 5 else backbone_levels(args.num_feature_levels)
     share_class = True if args.dec_pred_class_embed_share is None else args.dec_pred_class_embed_share
     share_box = True if args.dec_pred_bbox_embed_share is None else args.dec_pred_bbox_embed_share
     # DINO's image position encoding: SineHW, temperature 20 on both axes, no -0.5 offset (spec §0.4);
     # its model always owns the label table of denoising (label_enc [K + 1, C]).
-    return build_anchor_detr(args, transformer, share_class_head=share_class, share_box_head=share_box,
-                             box_bias_quirk=False, enc_class_agnostic=False, num_backbone_levels=num_backbone_levels,
-                             pe_temperature=20.0, pe_offset=0.0, label_table=True)
+    return build_anchor_detr(args, transformer, request, classes, share_class_head=share_class,
+                             share_box_head=share_box, box_bias_quirk=False, enc_class_agnostic=False,
+                             num_backbone_levels=num_backbone_levels, pe_temperature=20.0, pe_offset=0.0,
+                             reserved_content_channels=reserved, label_table=True)
 
 
 build_dino.add_args = add_anchor_args  # the same flag group (added once)

@@ -66,7 +66,20 @@ class EncoderOutput:
     enc_coord_unact: Tensor | None = None
 
 
-QueryProvider = Callable[[EncoderOutput], "QueryGroup | None"]
+# A provider returns the groups of one add-on for this step: a list, one group, or None.
+QueryProvider = Callable[[EncoderOutput], "list[QueryGroup] | QueryGroup | None"]
+
+
+def collect_groups(providers: Sequence[QueryProvider], enc: EncoderOutput) -> list[QueryGroup]:
+    """Every provider's groups for this step, in provider order."""
+    groups: list[QueryGroup] = []
+    for provide in providers:
+        made = provide(enc)
+        if isinstance(made, QueryGroup):
+            groups.append(made)
+        elif made:
+            groups.extend(made)
+    return groups
 
 
 def build_group_attn_mask(num_main: int, groups: Sequence[QueryGroup], device: torch.device) -> Tensor | None:

@@ -124,7 +124,7 @@ def test_no_flag_turns_a_model_default_off(flag, dest):
 
 
 def test_dino_without_denoising():
-    from models.criterion.denoising import Denoising
+    from models.addons.dn import Denoising
 
     assert Denoising.enabled(parse("-m", "dino"))
     assert not Denoising.enabled(parse("-m", "dino", "--no-use_dn", "--no-contrastive"))

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from models.criterion import LossSpec, SetCriterion, loss_key
+from models.addons import LossSpec, loss_key
+from models.criterion import SetCriterion
 from models.matcher import HungarianMatcher
 
 COEFS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}

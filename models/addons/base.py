@@ -1,9 +1,20 @@
-"""The add-on interface of the criterion: loss groups, loss specs, step context and the AddOn base.
+"""The add-on interface: what an add-on may ask of a host model, the step context, loss groups and hooks.
 
-An add-on contributes any of: extra decoder query groups (``query_group``), extra supervised
-groups (``loss_groups``, each with its own matcher or fixed indices and its own num_boxes), and an
-after-step hook (EMA updates). Loss keys and weights are generated from the same ``LossSpec``
-(``loss_key``), so nobody writes a weight dict by hand.
+An add-on is one paper's training-time addition (denoising, hybrid matching, MS-DETR, ...), in one file
+of this package, registered with ``register_addon``. It states the host capabilities it needs
+(``requires``), what the host must build for it (``request``: extra query rows, a decoder-layer
+factory, reserved content channels), and implements any of the hooks below, each receiving the step's
+``StepContext``. Loss keys and weights come from the same ``LossSpec`` (``loss_key``), so nobody writes
+a weight dict by hand. With every add-on off a run is bitwise the baseline.
+
+Hooks, in the order a training step calls them (models/__init__.py's README section has an example):
+  before_forward(model, ctx)      e.g. a teacher forward; results go to ``ctx.stash``
+  query_groups(enc, ctx)          extra decoder query groups (any number) behind the one block mask
+  loss_groups(outputs, ctx)       extra supervised groups, each with its own assigner or fixed indices
+  assigner(group, ctx)            replace the assigner of any group (main, encoder, another add-on's)
+  extra_losses(outputs, ctx)      named terms the add-on computes itself (weights declared in loss_specs)
+  after_step(model, ctx)          after the optimizer step (e.g. an EMA update)
+  eval_model(model)               the model to evaluate instead (e.g. the EMA copy)
 """
 from __future__ import annotations
 
@@ -17,7 +28,17 @@ from torch import Tensor, nn
 from ..query_groups import EncoderOutput, QueryGroup, QueryProvider
 
 Indices = list[tuple[Tensor, Tensor]]
+Matcher = Callable[[Mapping[str, Any], Sequence[Mapping[str, Tensor]]], Indices]
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+
+# What a host model may offer add-ons (``Detector.capabilities``); an add-on lists what it needs in
+# ``requires`` and a host that lacks one is refused at build time with this description.
+CAPABILITIES = {
+    "anchor_groups": "query groups of 4-d anchor boxes whose positional queries the host derives (denoising)",
+    "group_queries": "extra queries built exactly like the main ones (group_queries(enc, start, count))",
+    "decoder_layer": "decoder layers built from an add-on's factory (HostRequest.decoder_layer)",
+    "learned_content": "content queries from a learned table (HostRequest.reserved_content_channels)",
+}
 
 
 def loss_key(name: str, layer: int | None = None, suffix: str = "") -> str:
@@ -28,12 +49,12 @@ def loss_key(name: str, layer: int | None = None, suffix: str = "") -> str:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Declares the weighted loss keys of one supervised group.
+    """Declares the weighted loss keys of one supervised group or of an add-on's own terms.
 
     Attributes:
         suffix: key suffix ("" for the main queries, "enc", "dn", "one2many", ...).
         num_aux_layers: aux layers supervised besides the last one (keys ``_0`` .. ``_{n-1}``).
-        coefs: coefficient per term name (``loss_ce``, ``loss_bbox``, ``loss_giou``).
+        coefs: coefficient per term name (``loss_ce``, ``loss_bbox``, ``loss_giou``, or any name).
         weight: multiplies every coefficient (e.g. lambda_one2many).
     """
 
@@ -69,7 +90,7 @@ class LossGroup:
     suffix: str
     outputs: Mapping[str, Any]
     targets: Sequence[Mapping[str, Tensor]]
-    matcher: Callable[[Mapping[str, Any], Sequence[Mapping[str, Tensor]]], Indices] | None = None
+    matcher: Matcher | None = None
     indices: Indices | None = None
     num_boxes: float | None = None
     valid: Tensor | None = None
@@ -77,43 +98,51 @@ class LossGroup:
 
 
 @dataclass(frozen=True)
-class ModelOptions:
-    """What enabled add-ons ask of the host model at build time (the model builder applies it).
+class HostRequest:
+    """What the enabled add-ons ask the host model to build (the builder passes it to the constructors).
 
-    Add-ons never patch a built model: an add-on whose seed changes the model's own parameters says so
-    here, so that the parameter names and shapes are those of the seed's released checkpoints.
+    Add-ons never patch a built model: what changes the model's own parameters is requested here, so that
+    parameter names and shapes are those of the seeds' released checkpoints.
 
     Attributes:
-        extra_queries: rows appended to the learned query table after the Q main rows (H-DETR's
-            one-to-many queries: ``query_embed.weight`` [Q + extra, 2C] one-stage, [Q + extra, C] with
-            mixed selection); only the first Q rows are main queries.
-        decoder_layer: decoder-layer class or factory with the standard layer's arguments (MS-DETR's
-            layer with the auxiliary FFN); None = the standard layer.
-        content_indicator: DN-DETR's indicator bit: the learned content queries are C-1 wide and get a
-            last channel 0 (denoising queries get 1); honoured by hosts whose content queries are a
-            learned table (dab_deformable_detr, dino), which expose ``content_indicator = True``.
+        extra_queries: rows appended to the host's learned query tables after the Q main rows, for groups
+            built like the main queries (H-DETR's one-to-many queries: ``query_embed`` [Q + extra, ...]).
+        decoder_layer: decoder-layer class or factory with the standard layer's arguments (MS-DETR's layer);
+            None = the standard layer.
+        reserved_content_channels: trailing channels of every content query the add-on reserves: the host's
+            learned content table is that much narrower and its queries end in zeros there (DN-DETR's
+            indicator bit: 1).
     """
 
     extra_queries: int = 0
-    decoder_layer: Callable[..., Any] | None = None
-    content_indicator: bool = False
+    decoder_layer: Callable[..., nn.Module] | None = None
+    reserved_content_channels: int = 0
+
+    def merge(self, other: HostRequest, who: str) -> HostRequest:
+        """This request plus an add-on's (``who`` names it in the error when both choose a decoder layer)."""
+        if self.decoder_layer is not None and other.decoder_layer is not None:
+            raise ValueError(f"{who} needs its own decoder layer, but another add-on already chose one")
+        return HostRequest(self.extra_queries + other.extra_queries, self.decoder_layer or other.decoder_layer,
+                           max(self.reserved_content_channels, other.reserved_content_channels))
 
 
 @dataclass
 class StepContext:
-    """What add-ons see of the current training step.
+    """What add-ons see of the current training step (one object for all hooks of the step).
 
     Attributes:
+        images: the batch (NestedTensor, on the device); None when the caller did not give it.
         targets: the batch's targets (on the device); None when the model was called without targets.
         epoch: current epoch.
         step: global step counter.
-        extras: free slot for add-ons to pass things between hooks within the step.
+        stash: free per-step slot for add-ons to pass things between hooks (e.g. teacher outputs).
     """
 
+    images: Any = None
     targets: Sequence[Mapping[str, Tensor]] | None = None
     epoch: int = 0
     step: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    stash: dict[str, Any] = field(default_factory=dict)
 
 
 class AddOn:
@@ -122,10 +151,12 @@ class AddOn:
     Class attributes:
         name: registry name, flag prefix and loss suffix.
         order: add-ons are applied in increasing order (fixed, independent of the command line).
+        requires: host capabilities the add-on needs (keys of ``CAPABILITIES``).
     """
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -137,13 +168,13 @@ class AddOn:
         return False
 
     @classmethod
-    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
-        """The host-model options this add-on needs, added to ``options`` (default: none)."""
-        return options
+    def request(cls, args: argparse.Namespace) -> HostRequest:
+        """What the host must build for this add-on (default: nothing)."""
+        return HostRequest()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> AddOn:
-        """Build the add-on; the only place that reads ``args``."""
+        """Build the add-on for a built host; the only place that reads ``args``."""
         raise NotImplementedError
 
     def module(self) -> nn.Module | None:
@@ -154,20 +185,31 @@ class AddOn:
         """Weighted loss keys this add-on produces (``main`` gives the base coefficients)."""
         return []
 
-    def query_group(self, enc: EncoderOutput, ctx: StepContext) -> QueryGroup | None:
-        """An extra decoder query group for this step (training only)."""
-        return None
+    def before_forward(self, model: nn.Module, ctx: StepContext) -> None:
+        """Called by the engine before the model's forward (training only)."""
 
-    def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:
-        """Extra supervised groups for this step."""
+    def query_groups(self, enc: EncoderOutput, ctx: StepContext) -> list[QueryGroup]:
+        """Extra decoder query groups for this step (training only)."""
         return []
 
-    def encoder_matcher(self, enc_outputs: Mapping[str, Any]) -> Callable[..., Indices] | None:
-        """An assigner replacing the default one for the two-stage encoder proposals (None: keep it)."""
+    def loss_groups(self, outputs: Mapping[str, Any], ctx: StepContext) -> list[LossGroup]:
+        """Extra supervised groups for this step (``ctx.targets`` holds the targets)."""
+        return []
+
+    def assigner(self, group: LossGroup, ctx: StepContext) -> Matcher | None:
+        """An assigner replacing ``group``'s (any group: "" main, "enc", another add-on's); None keeps it."""
         return None
+
+    def extra_losses(self, outputs: Mapping[str, Any], ctx: StepContext) -> dict[str, Tensor]:
+        """Loss terms the add-on computes itself, under keys declared by its ``loss_specs``."""
+        return {}
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         """Called after the optimizer step (e.g. an EMA update)."""
+
+    def eval_model(self, model: nn.Module) -> nn.Module | None:
+        """The model to evaluate instead of ``model`` (e.g. an EMA copy); None: ``model`` itself."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """State saved in checkpoints under ``addons/<name>``."""
@@ -177,6 +219,11 @@ class AddOn:
         del state
 
 
+def overrides(addon: AddOn, hook: str) -> bool:
+    """Whether ``addon`` implements ``hook`` (the engine skips the others)."""
+    return getattr(type(addon), hook) is not getattr(AddOn, hook)
+
+
 def query_providers(addons: Sequence[AddOn], ctx: StepContext) -> list[QueryProvider]:
     """The query-group hooks of the add-ons that have one, bound to this step's context."""
-    return [partial(a.query_group, ctx=ctx) for a in addons if type(a).query_group is not AddOn.query_group]
+    return [partial(a.query_groups, ctx=ctx) for a in addons if overrides(a, "query_groups")]

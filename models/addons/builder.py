@@ -1,12 +1,23 @@
-"""Instantiate the enabled add-ons in their fixed order and attach their parameters to the model."""
+"""From flags to built add-ons: which are on, what they ask of the host, and attaching them to the model.
+
+A model builder calls ``plan_addons`` before it builds anything (a host that lacks a capability an
+add-on needs is refused there, with a message), builds the model with the merged ``HostRequest``, then
+``build_addons``.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
-from .criterion.base import AddOn, ModelOptions
-from .registry import ADDONS
+from util.errors import FlagError
+
+from ..registry import ADDONS
+from .base import CAPABILITIES, AddOn, HostRequest, overrides
+
+# The label table of denoising lives in the host where the official model has it (DINO, DN-DETR: top-level
+# ``label_enc``) and in the add-on otherwise; checkpoints written with the other layout load either way.
+LABEL_TABLE_NAMES = ("label_enc.weight", "addons.dn.label_enc.weight")
 
 
 def enabled_addons(args: Any) -> list[type[AddOn]]:
@@ -14,14 +25,27 @@ def enabled_addons(args: Any) -> list[type[AddOn]]:
     requested = set(getattr(args, "addons", None) or [])
     unknown = requested - set(ADDONS.names())
     if unknown:
-        raise ValueError(f"unknown add-ons {sorted(unknown)}; available: {ADDONS.names()}")
+        raise FlagError(f"unknown add-ons {sorted(unknown)}; available: {ADDONS.names()}")
     classes = [cls for name, cls in ADDONS.items() if name in requested or cls.enabled(args)]
     return sorted(classes, key=lambda c: (c.order, c.name))
 
 
-# The label table of denoising lives in the host where the official model has it (DINO, DN-DETR: top-level
-# ``label_enc``) and in the add-on otherwise; checkpoints written with the other layout load either way.
-LABEL_TABLE_NAMES = ("label_enc.weight", "addons.dn.label_enc.weight")
+def plan_addons(args: Any, capabilities: frozenset[str]) -> tuple[list[type[AddOn]], HostRequest]:
+    """The enabled add-ons and what the host must build for them; refuses a host that lacks a capability.
+
+    Args:
+        args: the flags.
+        capabilities: what the host offers in this configuration (``Detector.capabilities``).
+    """
+    classes = enabled_addons(args)
+    request = HostRequest()
+    for cls in classes:
+        missing = sorted(cls.requires - capabilities)
+        if missing:
+            needs = "; ".join(f"{c}: {CAPABILITIES[c]}" for c in missing)
+            raise FlagError(f"add-on {cls.name!r} cannot run on -m {args.model} with these flags: it needs {needs}")
+        request = request.merge(cls.request(args), cls.name)
+    return classes, request
 
 
 def _label_table_hook(own: str, other: str):
@@ -31,14 +55,16 @@ def _label_table_hook(own: str, other: str):
     return hook
 
 
-def build_addons(args: Any, model: nn.Module) -> list[AddOn]:
-    """Build the enabled add-ons; their parameters go under ``model.addons[name]`` (only if any)."""
-    addons = [cls.from_args(args, model) for cls in enabled_addons(args)]
+def build_addons(args: Any, model: nn.Module, classes: Sequence[type[AddOn]]) -> list[AddOn]:
+    """Build the planned add-ons; their parameters go under ``model.addons[name]`` (only if any).
+
+    The model keeps them in ``train_addons`` and runs their query groups in training forwards.
+    """
+    addons = [cls.from_args(args, model) for cls in classes]
     modules = {a.name: a.module() for a in addons if a.module() is not None}
     if modules:
         model.addons = nn.ModuleDict(modules)
-    # The model runs their query groups itself in training mode (the official calling convention);
-    # a plain tuple, so neither state_dict nor DDP sees the add-on objects.
+    # A plain tuple: neither state_dict nor DDP sees the add-on objects.
     model.train_addons = tuple(addons)
     names = model.state_dict().keys()
     for own, other in (LABEL_TABLE_NAMES, LABEL_TABLE_NAMES[::-1]):
@@ -47,9 +73,10 @@ def build_addons(args: Any, model: nn.Module) -> list[AddOn]:
     return addons
 
 
-def model_options(args: Any) -> ModelOptions:
-    """What the enabled add-ons ask of the host model (extra query rows, decoder-layer variant)."""
-    options = ModelOptions()
-    for cls in enabled_addons(args):
-        options = cls.model_options(args, options)
-    return options
+def evaluation_model(model: nn.Module, addons: Sequence[AddOn]) -> nn.Module:
+    """The model to evaluate: ``model``, or the one an add-on's ``eval_model`` hook returns (e.g. an EMA copy)."""
+    swaps = [(a.name, a.eval_model(model)) for a in addons if overrides(a, "eval_model")]
+    swaps = [(name, m) for name, m in swaps if m is not None]
+    if len(swaps) > 1:
+        raise ValueError(f"more than one add-on replaces the evaluation model: {[n for n, _ in swaps]}")
+    return swaps[0][1] if swaps else model

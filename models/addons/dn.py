@@ -27,7 +27,7 @@ Supervision of the non-positive slots:
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -38,7 +38,7 @@ from util.misc import inverse_sigmoid
 
 from ..query_groups import EncoderOutput, QueryGroup
 from ..registry import register_addon
-from .base import AddOn, LossGroup, LossSpec, ModelOptions, StepContext
+from .base import AddOn, HostRequest, LossGroup, LossSpec, StepContext
 
 ANCHOR_EPS = 1e-3  # the originals' clamp of the anchor logit (about +-6.9)
 
@@ -276,6 +276,7 @@ class Denoising(AddOn):
 
     name = "dn"
     order = 10
+    requires = frozenset({"anchor_groups"})
 
     def __init__(self, queries: DenoisingQueries) -> None:
         self.queries = queries
@@ -309,16 +310,13 @@ class Denoising(AddOn):
         return bool(getattr(args, "use_dn", False))
 
     @classmethod
-    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
+    def request(cls, args: argparse.Namespace) -> HostRequest:
         # DN-DETR's indicator bit (DINO's contrastive denoising has none); hosts without a learned content
         # table (two-stage deformable_detr: content from the proposals) run denoising without it.
-        return replace(options, content_indicator=not args.contrastive)
+        return HostRequest(reserved_content_channels=0 if args.contrastive else 1)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> Denoising:
-        if not getattr(model, "supports_anchor_groups", getattr(model, "two_stage", False)):
-            raise ValueError("denoising needs 4-d anchor queries: use deformable_detr with --two_stage "
-                             "(and --with_box_refine), dab_deformable_detr or dino")
         if args.contrastive:
             config = DenoisingConfig("cdn", budget=args.dn_number, always_budget=args.dn_always_budget,
                                      label_noise_prob=args.dn_label_noise_ratio * 0.5,
@@ -327,10 +325,8 @@ class Denoising(AddOn):
             config = DenoisingConfig("dn", num_groups=args.scalar, label_noise_prob=args.label_noise_scale,
                                      box_noise_scale=args.box_noise_scale, max_queries=args.dn_max_queries)
         # The official DINO and DN-DETR models own ``label_enc``; a host that does keeps it (and its key).
-        host_table = getattr(model, "label_enc", None)
         return cls(DenoisingQueries(args.num_classes, args.hidden_dim, config,
-                                    indicator=getattr(model, "content_indicator", False),
-                                    label_enc=host_table if isinstance(host_table, nn.Embedding) else None))
+                                    indicator=model.reserved_content_channels > 0, label_enc=model.label_table))
 
     def module(self) -> nn.Module | None:
         """The add-on's own label table; None when the host owns it."""
@@ -339,13 +335,13 @@ class Denoising(AddOn):
     def loss_specs(self, main: LossSpec) -> list[LossSpec]:
         return [LossSpec(self.name, main.num_aux_layers, dict(main.coefs))]
 
-    def query_group(self, enc: EncoderOutput, ctx: StepContext) -> QueryGroup | None:
-        """The denoising group; None without targets (a training forward ``model(samples)``: no denoising)."""
+    def query_groups(self, enc: EncoderOutput, ctx: StepContext) -> list[QueryGroup]:
+        """The denoising group; none without targets (a training forward ``model(samples)``: no denoising)."""
         if ctx.targets is None:
-            return None
-        return self.queries(ctx.targets, enc.memory.shape[0], enc.memory.device, self.name)
+            return []
+        return [self.queries(ctx.targets, enc.memory.shape[0], enc.memory.device, self.name)]
 
-    def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:
+    def loss_groups(self, outputs: Mapping[str, Any], ctx: StepContext) -> list[LossGroup]:
         if self.name not in outputs.get("groups", {}):
             return []  # evaluation, or a forward without providers
         meta = outputs["group_meta"][self.name]
@@ -354,5 +350,5 @@ class Denoising(AddOn):
             group_outputs = _zero_loss_outputs(group_outputs)
             valid = torch.zeros(group_outputs["pred_logits"].shape[:2], dtype=torch.bool,
                                 device=group_outputs["pred_logits"].device)
-        return [LossGroup(self.name, group_outputs, targets, indices=meta["indices"],
+        return [LossGroup(self.name, group_outputs, ctx.targets, indices=meta["indices"],
                           num_boxes=meta["num_boxes"], valid=valid)]

@@ -12,14 +12,15 @@ take their content from). Evaluation never builds the group: only the Q1 one-to-
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from util.errors import FlagError
+
 from ..query_groups import EncoderOutput, QueryGroup
 from ..registry import register_addon
-from .base import AddOn, LossGroup, LossSpec, ModelOptions, StepContext
+from .base import AddOn, HostRequest, LossGroup, LossSpec, StepContext
 
 GROUP = "one2many"
 
@@ -42,6 +43,7 @@ class HybridBranch(AddOn):
 
     name = "hybrid"
     order = 20
+    requires = frozenset({"group_queries"})
 
     def __init__(self, model: nn.Module, num_one2many: int, k: int, lambda_one2many: float) -> None:
         self.model = model  # not a submodule: the queries and heads are the model's own parameters
@@ -61,35 +63,29 @@ class HybridBranch(AddOn):
         return args.num_queries_one2many > 0
 
     @classmethod
-    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
+    def request(cls, args: argparse.Namespace) -> HostRequest:
         if args.num_queries_one2many <= 0:
-            raise ValueError("the hybrid branch needs --num_queries_one2many > 0")
-        return replace(options, extra_queries=options.extra_queries + args.num_queries_one2many)
+            raise FlagError("the hybrid branch (--addons hybrid) needs --num_queries_one2many > 0")
+        return HostRequest(extra_queries=args.num_queries_one2many)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> HybridBranch:
-        if not hasattr(model, "group_queries"):
-            raise ValueError(f"model {args.model!r} cannot build extra queries like its main ones "
-                             f"(no group_queries); the hybrid branch runs on deformable_detr, "
-                             f"dab_deformable_detr and dino")
-        if getattr(model, "num_extra_queries", 0) < args.num_queries_one2many:
-            raise ValueError("the model builder ignored the add-ons' extra query rows (ModelOptions.extra_queries)")
         return cls(model, args.num_queries_one2many, args.k_one2many, args.lambda_one2many)
 
     def loss_specs(self, main: LossSpec) -> list[LossSpec]:
         return [LossSpec(GROUP, main.num_aux_layers, dict(main.coefs), self.lambda_one2many)]
 
-    def query_group(self, enc: EncoderOutput, ctx: StepContext) -> QueryGroup | None:
+    def query_groups(self, enc: EncoderOutput, ctx: StepContext) -> list[QueryGroup]:
         """The Qm one-to-many queries for this training step (same construction as the main queries)."""
         queries = self.model.group_queries(enc, enc.num_queries, self.num_one2many)
         if queries is None:
-            return None
+            return []
         tgt, reference, query_pos = queries
-        return QueryGroup(GROUP, tgt, reference, query_pos)
+        return [QueryGroup(GROUP, tgt, reference, query_pos)]
 
-    def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:
+    def loss_groups(self, outputs: Mapping[str, Any], ctx: StepContext) -> list[LossGroup]:
         """Hungarian matching of the one-to-many outputs (all layers) to the k-times repeated targets."""
         out = outputs.get("groups", {}).get(GROUP)
         if out is None:  # evaluation: no one-to-many queries
             return []
-        return [LossGroup(GROUP, out, repeat_targets(targets, self.k))]
+        return [LossGroup(GROUP, out, repeat_targets(ctx.targets, self.k))]

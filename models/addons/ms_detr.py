@@ -2,7 +2,7 @@
 
 specs/deformable_family.md §4 ([MS] Atten4Vis/MS-DETR; the assigner follows its ``Stage2Assigner``,
 itself adapted from DETA). No extra queries: the add-on asks the builder for MS-DETR's decoder layer
-(models/ms_detr_layer.py: cross-attention first, auxiliary FFN with the official names), and supervises
+(``MSDETRDecoderLayer`` below: cross-attention first, auxiliary FFN with the official names), and supervises
 the model's ``o2m_outputs`` on every decoder layer with the one-to-many assigner below (suffix ``_o2m``).
 On Deformable-DETR two-stage hosts the encoder proposals are matched on their fixed anchors, as the
 official code always does (``AnchorMatcher``). Official by default, including the assigner's random
@@ -12,7 +12,6 @@ subsampling on torch's global generator (same draws, same order); the deliberate
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from functools import partial
 from typing import Any, Mapping, Sequence
 
@@ -21,12 +20,55 @@ from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 
+from ..deformable_transformer import DeformableTransformerDecoderLayer, _with_pos
 from ..matcher import HungarianMatcher
-from ..ms_detr_layer import MSDETRDecoderLayer
 from ..registry import register_addon
-from .base import AddOn, Indices, LossGroup, LossSpec, ModelOptions
+from .base import AddOn, HostRequest, Indices, LossGroup, LossSpec, StepContext
 
 SUFFIX = "o2m"
+
+
+class MSDETRDecoderLayer(DeformableTransformerDecoderLayer):
+    """Post-norm decoder layer in MS-DETR's order: cross-attention -> self-attention -> FFN.
+
+    Args:
+        d_model, d_ffn, dropout, activation, n_levels, n_heads, n_points, msda_impl: as the standard layer.
+        use_aux_ffn: the one-to-many features go through their own FFN block (linear3/linear4/norm4, width
+            d_ffn); otherwise they are the cross-attention output itself.
+    """
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, activation: str = "relu",
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4, msda_impl: str = "auto",
+                 use_aux_ffn: bool = True) -> None:
+        super().__init__(d_model, d_ffn, dropout, activation, n_levels, n_heads, n_points, msda_impl)
+        self.use_aux_ffn = use_aux_ffn
+        if use_aux_ffn:
+            self.linear3 = nn.Linear(d_model, d_ffn)
+            self.dropout5 = nn.Dropout(dropout)
+            self.linear4 = nn.Linear(d_ffn, d_model)
+            self.dropout6 = nn.Dropout(dropout)
+            self.norm4 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, src: Tensor,
+                src_spatial_shapes: Tensor, level_start_index: Tensor, src_padding_mask: Tensor | None = None,
+                self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Shapes as the standard layer.
+
+        Returns:
+            (output [B, T, C] fed to the next layer and supervised one-to-one,
+             one-to-many features [B, T, C] only predicted from; None in evaluation mode).
+        """
+        tgt2 = self.cross_attn(_with_pos(tgt, query_pos), reference_points, src, src_spatial_shapes,
+                               level_start_index, src_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        o2m = tgt if self.training else None
+        if self.use_aux_ffn and self.training:
+            o2m = self.norm4(tgt + self.dropout6(self.linear4(self.dropout5(self.activation(self.linear3(tgt))))))
+        q = k = _with_pos(tgt, query_pos)
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=self.official_dropout_path)[0]
+        tgt = self.norm2(tgt + self.dropout2(tgt2))
+        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(tgt2)), o2m
 
 
 class AnchorMatcher:
@@ -137,7 +179,7 @@ class MixedSupervision(AddOn):
     Evaluation makes no one-to-many outputs (the layer skips that branch), hence no o2m losses.
 
     Args:
-        assigner: the one-to-many assigner.
+        assigner: the one-to-many assigner (kept as ``o2m_assigner``; ``assigner`` is the hook).
         coefs: {loss_ce, loss_bbox, loss_giou} coefficients of the o2m losses.
         anchor_matcher: assigner of the encoder proposals on Deformable-DETR two-stage hosts
             (default: ``AnchorMatcher()``, the official one).
@@ -145,10 +187,11 @@ class MixedSupervision(AddOn):
 
     name = "ms_detr"
     order = 30
+    requires = frozenset({"decoder_layer"})
 
     def __init__(self, assigner: OneToManyAssigner, coefs: Mapping[str, float],
                  anchor_matcher: AnchorMatcher | None = None) -> None:
-        self.assigner, self.coefs = assigner, dict(coefs)
+        self.o2m_assigner, self.coefs = assigner, dict(coefs)
         self.anchor_matcher = anchor_matcher or AnchorMatcher()
 
     @classmethod
@@ -177,17 +220,11 @@ class MixedSupervision(AddOn):
         return args.use_ms_detr
 
     @classmethod
-    def model_options(cls, args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
-        if options.decoder_layer is not None:
-            raise ValueError("MS-DETR needs its own decoder layer, but another add-on already chose one")
-        return replace(options, decoder_layer=partial(MSDETRDecoderLayer, use_aux_ffn=args.use_aux_ffn))
+    def request(cls, args: argparse.Namespace) -> HostRequest:
+        return HostRequest(decoder_layer=partial(MSDETRDecoderLayer, use_aux_ffn=args.use_aux_ffn))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: nn.Module) -> MixedSupervision:
-        if not any(isinstance(m, MSDETRDecoderLayer) for m in model.modules()):
-            raise ValueError(f"model {args.model!r} was built without MS-DETR's decoder layer "
-                             f"(its builder ignores ModelOptions.decoder_layer); use -m deformable_detr, "
-                             f"dab_deformable_detr or dino")
         assigner = OneToManyAssigner(args.o2m_matcher_threshold, args.o2m_matcher_k,
                                      keep_best_query=args.o2m_keep_best_query)
         anchor_matcher = AnchorMatcher(args.set_cost_bbox, args.set_cost_giou, args.enc_match_valid_anchors_only)
@@ -197,17 +234,17 @@ class MixedSupervision(AddOn):
     def loss_specs(self, main: LossSpec) -> list[LossSpec]:
         return [LossSpec(SUFFIX, main.num_aux_layers, self.coefs)]
 
-    def loss_groups(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]) -> list[LossGroup]:
+    def loss_groups(self, outputs: Mapping[str, Any], ctx: StepContext) -> list[LossGroup]:
         """The o2m group on every decoder layer (last first, then aux 0..L-2, as the official criterion);
         none in evaluation (no ``o2m_outputs``). The last layer logs ``class_error_o2m`` as the official code."""
-        if "o2m_outputs" not in outputs:  # evaluation; from_args made sure the model has MS-DETR's layer
+        if "o2m_outputs" not in outputs:  # evaluation (the host offers the decoder layer: plan_addons checked)
             return []
-        return [LossGroup(SUFFIX, outputs["o2m_outputs"], targets, matcher=self.assigner, log=True)]
+        return [LossGroup(SUFFIX, outputs["o2m_outputs"], ctx.targets, matcher=self.o2m_assigner, log=True)]
 
-    def encoder_matcher(self, enc_outputs: Mapping[str, Any]) -> AnchorMatcher | None:
-        """Deformable-DETR hosts (proposals on every token): match on the anchors, as MS-DETR always does.
-        DINO's encoder loss (top-Q proposals, real labels) keeps its own matching."""
-        return self.anchor_matcher if "anchors" in enc_outputs else None
+    def assigner(self, group: LossGroup, ctx: StepContext) -> AnchorMatcher | None:
+        """Deformable-DETR hosts (proposals on every token): the encoder group is matched on the anchors, as
+        MS-DETR always does. DINO's encoder loss (top-Q proposals, real labels) keeps its own matching."""
+        return self.anchor_matcher if group.suffix == "enc" and "anchors" in group.outputs else None
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing: the assigner draws on the global generator, which checkpoints already save."""

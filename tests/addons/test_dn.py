@@ -7,8 +7,8 @@ import torch
 
 import engine
 from models import build_model
-from models.criterion import StepContext, loss_key
-from models.criterion.denoising import DenoisingConfig, DenoisingQueries, cdn_box_noise, dn_box_noise
+from models.addons import StepContext, loss_key
+from models.addons.dn import DenoisingConfig, DenoisingQueries, cdn_box_noise, dn_box_noise
 from models.registry import ADDONS
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
@@ -111,10 +111,10 @@ def test_main_queries_blind_to_denoising_queries(dn_model, batch):
     model.eval()  # deterministic (dropout is 0 anyway); providers are passed explicitly
     dn = criterion.addons[0]
     torch.manual_seed(0)
-    a = _forward(model, images, lambda enc: dn.query_group(enc, StepContext(targets)))
+    a = _forward(model, images, lambda enc: dn.query_groups(enc, StepContext(targets=targets)))
     torch.manual_seed(1)  # other noise
     moved = [{**t, "boxes": t["boxes"] * 0.5 + 0.2} for t in targets]
-    b = _forward(model, images, lambda enc: dn.query_group(enc, StepContext(moved)))
+    b = _forward(model, images, lambda enc: dn.query_groups(enc, StepContext(targets=moved)))
     for key in ("pred_logits", "pred_boxes"):
         assert torch.equal(a[key], b[key])
         assert not torch.equal(a["groups"]["dn"][key], b["groups"]["dn"][key])
@@ -131,7 +131,7 @@ def test_denoising_groups_blind_to_each_other(dn_model, batch):
 
     def perturbed(enc, shift):
         torch.manual_seed(0)
-        group = dn.query_group(enc, StepContext(targets))
+        (group,) = dn.query_groups(enc, StepContext(targets=targets))
         group.tgt = group.tgt.clone()
         group.tgt[:, 3:] += shift  # every group but the first (3 GT -> 3 slots per group)
         return group
@@ -147,7 +147,7 @@ def test_loss_keys_and_weights_are_generated(dn_model, batch):
     model, criterion, _ = dn_model
     images, targets = batch
     model.train()
-    out = _forward(model, images, lambda enc: criterion.addons[0].query_group(enc, StepContext(targets)))
+    out = _forward(model, images, lambda enc: criterion.addons[0].query_groups(enc, StepContext(targets=targets)))
     losses = criterion(out, targets)
     expected = {loss_key(t, layer, "dn") for t in ("loss_ce", "loss_bbox", "loss_giou") for layer in (None, 0)}
     assert {k for k in losses if k.startswith("loss_") and k.endswith("_dn")} == expected
@@ -170,7 +170,8 @@ def test_padding_and_negative_supervision(dn_model, batch, mode):
 
     def loss_ce(pred_logits):
         out["groups"]["dn"]["pred_logits"] = pred_logits
-        return criterion.group_losses(dn.loss_groups(out, targets)[0], torch.tensor(1.0))["loss_ce_dn"]
+        group = dn.loss_groups(out, StepContext(targets=targets))[0]
+        return criterion.group_losses(group, torch.tensor(1.0))["loss_ce_dn"]
 
     base = loss_ce(logits)
     changed = logits.clone()
@@ -190,7 +191,7 @@ def test_empty_batch_trains(flags):
     model.train()
     images = [torch.randn(3, 64, 64), torch.randn(3, 48, 56)]
     targets = _targets(0, 0)
-    out = _forward(model, images, lambda enc: criterion.addons[0].query_group(enc, StepContext(targets)))
+    out = _forward(model, images, lambda enc: criterion.addons[0].query_groups(enc, StepContext(targets=targets)))
     assert out["groups"]["dn"]["pred_logits"].shape[1] == 0  # no denoising slots, as the originals
     losses = criterion(out, targets)
     for term in ("loss_ce", "loss_bbox", "loss_giou"):  # zero terms under stable keys, aux layers too
@@ -206,7 +207,7 @@ def test_training_forward_without_targets_has_no_group(dn_model, batch):
     images, _ = batch
     model.train()
     with torch.no_grad():  # the official DINO runs no denoising for model(samples)
-        out = _forward(model, images, lambda enc: criterion.addons[0].query_group(enc, StepContext(None)))
+        out = _forward(model, images, lambda enc: criterion.addons[0].query_groups(enc, StepContext(targets=None)))
     assert "groups" not in out
 
 
@@ -262,7 +263,7 @@ def _decoder_input(model, criterion, images, targets):
         seen["tgt"] = args[0]
 
     handle = model.transformer.decoder.register_forward_pre_hook(hook)
-    providers = engine._query_providers(criterion.addons, StepContext(targets))
+    providers = engine._query_providers(criterion.addons, StepContext(targets=targets))
     with torch.no_grad():
         out = model.train()(nested_tensor_from_tensor_list(images), providers=providers)
     handle.remove()

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.addon_builder import build_addons
-from models.criterion import StepContext
-from models.criterion.denoising import Denoising, DenoisingConfig, DenoisingQueries
+from models.addons import StepContext
+from models.addons.builder import build_addons, enabled_addons
+from models.addons.dn import Denoising, DenoisingConfig, DenoisingQueries
 from models.query_groups import EncoderOutput, build_group_attn_mask
 from tests.conftest import tiny_args
 
@@ -139,13 +139,17 @@ def test_flags_reach_the_config():
 class _StandIn(nn.Module):
     """A tiny host that owns the label table, as the official DINO and DN-DETR models do."""
 
-    supports_anchor_groups = True
+    capabilities = frozenset({"anchor_groups"})
 
     def __init__(self, width: int, indicator: bool) -> None:
         super().__init__()
-        self.content_indicator = indicator
+        self.reserved_content_channels = int(indicator)
         self.label_enc = nn.Embedding(6, width)
         self.head = nn.Linear(4, 4)
+
+    @property
+    def label_table(self):
+        return getattr(self, "label_enc", None)
 
 
 def _enc(batch=2):
@@ -156,7 +160,7 @@ def _enc(batch=2):
 def test_no_targets_no_group():
     dn = Denoising.from_args(tiny_args("--use_dn", "--contrastive"), _StandIn(32, False))
     torch.manual_seed(0)
-    assert dn.query_group(_enc(), StepContext(None)) is None
+    assert dn.query_groups(_enc(), StepContext(targets=None)) == []
     after = torch.rand(2)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(2))  # nothing drawn
@@ -166,12 +170,12 @@ def test_no_targets_no_group():
                                                      (("--use_dn",), 31, True)])
 def test_host_owned_table_is_used_without_duplicate_keys(flags, width, indicator):
     host = _StandIn(width, indicator)
-    addons = build_addons(tiny_args(*flags), host)
+    addons = build_addons(tiny_args(*flags), host, enabled_addons(tiny_args(*flags)))
     assert [a.name for a in addons] == ["dn"] and addons[0].module() is None
     assert sorted(host.state_dict()) == ["head.bias", "head.weight", "label_enc.weight"]
     assert addons[0].queries.table is host.label_enc and not list(addons[0].queries.parameters())
     t = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])}]
-    group = addons[0].query_group(_enc(1), StepContext(t))
+    (group,) = addons[0].query_groups(_enc(1), StepContext(targets=t))
     assert group.tgt.shape[-1] == 32
     group.tgt.sum().backward()
     assert host.label_enc.weight.grad is not None and host.label_enc.weight.grad.abs().sum() > 0
@@ -186,6 +190,7 @@ def test_host_table_of_the_wrong_width_is_refused(flags, width):
 def test_without_a_host_table_the_addon_owns_one():
     host = _StandIn(32, False)
     del host.label_enc
-    addons = build_addons(tiny_args("--use_dn", "--contrastive"), host)
+    args = tiny_args("--use_dn", "--contrastive")
+    addons = build_addons(args, host, enabled_addons(args))
     assert "addons.dn.label_enc.weight" in host.state_dict()
     assert addons[0].queries.table is host.addons.dn.label_enc

@@ -4,7 +4,7 @@ import torch
 
 from engine import _query_providers
 from models import build_model
-from models.criterion import StepContext
+from models.addons import StepContext
 from tests.addons.official_keys import R50, check_strict_load, official_shapes
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
@@ -14,7 +14,7 @@ HYBRID = ["--num_queries_one2many", "12", "--k_one2many", "3", "--lambda_one2man
 
 
 def _train_forward(model, criterion, images, targets):
-    providers = _query_providers(criterion.addons, StepContext(targets))
+    providers = _query_providers(criterion.addons, StepContext(targets=targets))
     return model(nested_tensor_from_tensor_list(images), providers=providers)
 
 
@@ -59,11 +59,12 @@ def test_group_takes_the_proposals_ranked_after_the_one2one_ones(hybrid, batch):
     model, criterion, _ = hybrid
     images, targets = batch
     seen = {}
-    provider = _query_providers(criterion.addons, StepContext(targets))[0]
+    provider = _query_providers(criterion.addons, StepContext(targets=targets))[0]
 
     def spy(enc):
-        seen["enc"], seen["group"] = enc, provider(enc)
-        return seen["group"]
+        groups = provider(enc)
+        seen["enc"], seen["group"] = enc, groups[0]
+        return groups
 
     with torch.no_grad():
         model.train()(nested_tensor_from_tensor_list(images), providers=[spy])
@@ -78,7 +79,8 @@ def test_losses_weights_and_repeated_targets(hybrid, batch):
     model, criterion, _ = hybrid
     images, targets = batch
     (addon,) = criterion.addons
-    (group,) = addon.loss_groups(_train_forward(model.train(), criterion, images, targets), targets)
+    (group,) = addon.loss_groups(_train_forward(model.train(), criterion, images, targets),
+                                 StepContext(targets=targets))
     assert [len(t["labels"]) for t in group.targets] == [9, 0]
     assert torch.equal(group.targets[0]["boxes"][3:6], targets[0]["boxes"])
     w = criterion.weight_dict

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from models import build_model
-from models.criterion.ms_detr import OneToManyAssigner
-from models.ms_detr_layer import MSDETRDecoderLayer
+from models.addons import StepContext
+from models.addons.ms_detr import MSDETRDecoderLayer, OneToManyAssigner
 from tests.addons.official_keys import R50, check_strict_load, official_shapes
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
@@ -159,7 +159,7 @@ def test_flags_are_wired():
                                             "--o2m_giou_loss_coef", "1", "--cls_loss_coef", "1",
                                             "--enc_cls_loss_coef", "2"))
     (addon,) = criterion.addons
-    assert (addon.assigner.threshold, addon.assigner.k) == (0.3, 4)
+    assert (addon.o2m_assigner.threshold, addon.o2m_assigner.k) == (0.3, 4)
     w = criterion.weight_dict
     assert (w["loss_ce_o2m"], w["loss_bbox_0_o2m"], w["loss_giou_o2m"]) == (3, 4, 1)
     assert (w["loss_ce"], w["loss_ce_enc"], w["loss_bbox_enc"]) == (1, 2, 5)
@@ -168,17 +168,17 @@ def test_flags_are_wired():
 def test_no_private_generator_and_old_checkpoints_load():
     _, criterion, _ = build_model(tiny_args(*MS))
     (addon,) = criterion.addons
-    assert addon.state_dict() == {} and not hasattr(addon.assigner, "generator")
+    assert addon.state_dict() == {} and not hasattr(addon.o2m_assigner, "generator")
     addon.load_state_dict({"generator": torch.Generator().get_state()})  # a checkpoint of the former assigner
     s = torch.rand(3, 40) * 0.5 + 0.5  # 40 positives, cap 10: a random draw, replayed by the global seed
     torch.manual_seed(5)
-    first = _pairs(*addon.assigner.assign(s))
+    first = _pairs(*addon.o2m_assigner.assign(s))
     torch.manual_seed(5)
-    assert _pairs(*addon.assigner.assign(s)) == first
+    assert _pairs(*addon.o2m_assigner.assign(s)) == first
 
 
 def test_anchor_matcher_matches_fixed_anchors_and_invalid_tokens_only_with_the_flag():
-    from models.criterion.ms_detr import AnchorMatcher
+    from models.addons.ms_detr import AnchorMatcher
 
     anchors = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.1, 0.1]]])
     valid = torch.tensor([[True, True, False, True]])
@@ -201,6 +201,8 @@ def test_encoder_proposals_are_matched_on_anchors(batch):
     enc = out["enc_outputs"]
     assert enc["anchors"].shape == enc["pred_boxes"].shape and enc["anchor_valid"].any()
     (group,) = [g for g in criterion.main_groups(out, targets) if g.suffix == "enc"]
+    assert group.matcher is None  # the add-on's assigner hook replaces it
+    group = criterion._assign(group, StepContext(targets=targets))
     assert group.matcher is criterion.addons[0].anchor_matcher
     (q, _), _ = group.matcher(enc, targets)
     expected = criterion.addons[0].anchor_matcher.hungarian(

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from models.criterion.ms_detr import MixedSupervision, OneToManyAssigner
+from models.addons import StepContext
+from models.addons.ms_detr import MixedSupervision, OneToManyAssigner
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
 
@@ -144,14 +145,14 @@ def test_o2m_layers_are_visited_last_first_with_two_draws_per_image(batch, randp
     _, criterion, out, targets = _trained_outputs(["--dec_layers", "3"], batch)
     (addon,) = criterion.addons
     seen = []
-    real = addon.assigner.__call__
+    real = addon.o2m_assigner.__call__
 
     class Spy:
         def __call__(self, outputs, tgts):
             seen.append(outputs["pred_logits"])
             return real(outputs, tgts)
 
-    addon.assigner = Spy()
+    addon.o2m_assigner = Spy()
     criterion(out, targets)
     o2m = out["o2m_outputs"]
     expected = [o2m["pred_logits"]] + [aux["pred_logits"] for aux in o2m["aux_outputs"]]
@@ -163,13 +164,13 @@ def test_o2m_layers_are_visited_last_first_with_two_draws_per_image(batch, randp
 def test_keep_best_query_flag_changes_only_the_o2m_terms(batch):
     _, official, out, targets = _trained_outputs([], batch)
     _, fixed, _, _ = _trained_outputs(["--o2m_keep_best_query"], batch)
-    assert not official.addons[0].assigner.keep_best_query and fixed.addons[0].assigner.keep_best_query
+    assert not official.addons[0].o2m_assigner.keep_best_query and fixed.addons[0].o2m_assigner.keep_best_query
     results = []
     for criterion in (official, fixed):
         torch.manual_seed(3)
         losses = criterion(out, targets)
         results.append((losses, torch.get_rng_state(),
-                        criterion.addons[0].assigner(out["o2m_outputs"], targets)))
+                        criterion.addons[0].o2m_assigner(out["o2m_outputs"], targets)))
     (a, rng_a, idx_a), (b, rng_b, idx_b) = results
     assert torch.equal(rng_a, rng_b)  # the same draws either way
     # 3 GTs but floor(0.25 * 8) = 2 kept positives: officially some GT has no query; with the flag none is left out
@@ -203,7 +204,7 @@ def test_anchor_matcher_costs_follow_the_main_matcher_flags():
 
 def test_o2m_last_layer_logs_class_error():
     _, criterion, _ = build_model(tiny_args(*MS))
-    (group,) = criterion.addons[0].loss_groups({"o2m_outputs": {}}, [])
+    (group,) = criterion.addons[0].loss_groups({"o2m_outputs": {}}, StepContext(targets=[]))
     assert group.log and group.suffix == "o2m"
 
 
@@ -219,6 +220,6 @@ def test_evaluation_has_no_o2m_outputs_and_the_same_predictions(batch):
     assert "o2m_outputs" in train_out and "o2m_outputs" not in eval_out
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(eval_out[key], train_out[key], rtol=0, atol=1e-6)
-    assert MixedSupervision.loss_groups(criterion.addons[0], eval_out, targets) == []
+    assert MixedSupervision.loss_groups(criterion.addons[0], eval_out, StepContext(targets=targets)) == []
     losses = criterion(eval_out, targets)  # evaluation computes the criterion too
     assert "loss_ce" in losses and not any(k.endswith("_o2m") for k in losses)

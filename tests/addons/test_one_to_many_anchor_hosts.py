@@ -4,7 +4,7 @@ import torch
 
 import engine
 from models import build_model
-from models.criterion import StepContext
+from models.addons import StepContext
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
 
@@ -22,7 +22,7 @@ def _extra_rows(model):
 
 
 def _forward(model, criterion, images, targets):
-    providers = engine._query_providers(criterion.addons, StepContext(targets))
+    providers = engine._query_providers(criterion.addons, StepContext(targets=targets))
     return model(nested_tensor_from_tensor_list(images), providers=providers)
 
 
@@ -69,11 +69,12 @@ def test_dino_group_takes_the_proposals_ranked_after_the_one2one_ones(batch):
     model, criterion, _ = build_model(tiny_args(*HOSTS["dino"], *HYBRID))
     images, targets = batch
     seen = {}
-    provider = engine._query_providers(criterion.addons, StepContext(targets))[0]
+    provider = engine._query_providers(criterion.addons, StepContext(targets=targets))[0]
 
     def spy(enc):
-        seen["enc"], seen["group"] = enc, provider(enc)
-        return seen["group"]
+        groups = provider(enc)
+        seen["enc"], seen["group"] = enc, groups[0]
+        return groups
 
     with torch.no_grad():
         out = model.train()(nested_tensor_from_tensor_list(images), providers=[spy])

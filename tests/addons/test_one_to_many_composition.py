@@ -4,7 +4,7 @@ import torch
 
 import engine
 from models import build_model
-from models.criterion import StepContext
+from models.addons import StepContext
 from models.query_groups import QueryGroup
 from models.registry import ADDONS
 from tests.conftest import tiny_args
@@ -18,7 +18,7 @@ INACTIVE = ["--k_one2many", "6", "--lambda_one2many", "2", "--use_aux_ffn", "--o
 
 
 def _step(model, criterion, images, targets, extra_providers=()):
-    ctx = StepContext(targets)
+    ctx = StepContext(targets=targets)
     providers = engine._query_providers(criterion.addons, ctx) + list(extra_providers)
     out = model(nested_tensor_from_tensor_list(images), providers=providers)
     losses = criterion(out, targets)
@@ -68,7 +68,7 @@ def test_hybrid_and_ms_detr_with_another_group(batch):
     with torch.no_grad():  # the one-to-one queries see neither group
         alone = model(nested_tensor_from_tensor_list(images))
         both = model(nested_tensor_from_tensor_list(images),
-                     providers=engine._query_providers(criterion.addons, StepContext(targets)) + [_dummy_group])
+                     providers=engine._query_providers(criterion.addons, StepContext(targets=targets)) + [_dummy_group])
     torch.testing.assert_close(both["pred_logits"], alone["pred_logits"], rtol=1e-5, atol=1e-5)
 
 

@@ -6,8 +6,8 @@ import torch
 
 from engine import _query_providers
 from models import build_model
+from models.addons import StepContext
 from models.anchor_transformer import sine_embed_boxes
-from models.criterion import StepContext
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
 
@@ -65,7 +65,7 @@ def test_denoising_on_anchor_models_is_isolated_and_train_only(name, batch):
     results = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        results.append(model(samples, providers=_query_providers(criterion.addons, StepContext(targets))))
+        results.append(model(samples, providers=_query_providers(criterion.addons, StepContext(targets=targets))))
     a, b = results
     assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_logits"], b["pred_logits"])
     assert not torch.equal(a["groups"]["dn"]["pred_boxes"], b["groups"]["dn"]["pred_boxes"])

@@ -93,8 +93,8 @@ def _losses_of_engine_step(model, criterion, images, targets):
     seen = {}
     original = criterion.forward
 
-    def spy(outputs, tgts):
-        seen["losses"] = original(outputs, tgts)
+    def spy(outputs, tgts, ctx=None):
+        seen["losses"] = original(outputs, tgts, ctx)
         return seen["losses"]
 
     criterion.forward = spy

@@ -4,7 +4,7 @@ import torch
 
 from engine import _query_providers
 from models import MODELS, build_model
-from models.criterion import StepContext
+from models.addons import StepContext
 from models.registry import Registry
 from tests.conftest import tiny_args
 from util.misc import nested_tensor_from_tensor_list
@@ -58,7 +58,7 @@ def test_builds_contract_and_gradients(name, variant, flags, batch):
     _randomize(model)
     images, targets = batch
     model.train()
-    providers = _query_providers(criterion.addons, StepContext(targets))
+    providers = _query_providers(criterion.addons, StepContext(targets=targets))
     out = model(nested_tensor_from_tensor_list(images), providers=providers)
     b, q = 2, args.num_queries
     assert out["pred_logits"].shape == (b, q, args.num_classes)

@@ -1,0 +1,17 @@
+"""Training add-ons, one module per paper (everything of it inside: flags, query groups, losses, layers).
+
+Adding an add-on: its module here plus one import line below (``register_addon`` does the rest).
+"""
+from . import dn, hybrid, ms_detr  # noqa: F401  (register the add-ons in their fixed order)
+from .base import (  # noqa: F401
+    CAPABILITIES,
+    AddOn,
+    HostRequest,
+    LossGroup,
+    LossSpec,
+    StepContext,
+    loss_key,
+    overrides,
+    query_providers,
+)
+from .builder import build_addons, enabled_addons, evaluation_model, plan_addons  # noqa: F401
