@@ -39,6 +39,7 @@ def _flags(tmp_path, out, *extra):
                            "--max_iters_per_epoch", "3", "--epochs", "1", *extra)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_double_batch(tmp_path):
     flags = [f for f in _flags(tmp_path, "ddp") if f != "--backbone_from_scratch"]
     _launch(2, flags + ["--batch_size", "2"])

@@ -92,6 +92,7 @@ def test_tiny_run_logs_args_log_txt_and_tensorboard(tmp_path, caplog):
     assert acc.Scalars("coco/AP50")[0].value == pytest.approx(entry["test_coco_eval_bbox"][1], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
 def test_two_processes_print_one_progress_line_per_step(tmp_path):
     """Under DDP only rank 0 logs: the same short lines as in one process; one args.json, one event file."""

@@ -37,6 +37,7 @@ def _wait_for(predicate, timeout=300.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights_and_log(tmp_path):
     reference = tmp_path / "reference"
     train_main.main(_args(synthetic_flags(tmp_path, "reference", "--epochs", "3")))
@@ -60,6 +61,7 @@ def test_killed_run_resumes_to_identical_weights_and_log(tmp_path):
     assert _train_losses(_log(killed)) == _train_losses(_log(reference))
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_checkpoint_keeps_previous(tmp_path):
     flags = synthetic_flags(tmp_path, "out", "--epochs", "1")
     train_main.main(_args(flags))
@@ -84,6 +86,7 @@ def test_sigkill_while_writing_checkpoint_keeps_previous(tmp_path):
     assert [e["epoch"] for e in _log(out)] == [0, 1]
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, caplog):
     train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "2")))
     out = tmp_path / "out"
@@ -103,7 +106,7 @@ def _nan_criterion(monkeypatch, bad_calls):
     original = SetCriterion.forward
     calls = {"n": 0}
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, ctx=None):
         losses = original(self, outputs, targets)
         if self.training:
             if calls["n"] in bad_calls:
@@ -123,6 +126,7 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, monkeypatch, caplog):
     assert torch.isfinite(torch.tensor(stats["train_loss"]))
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_with_intact_checkpoint(tmp_path, monkeypatch):
     train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "1")))
     _nan_criterion(monkeypatch, bad_calls=set(range(100)))
@@ -132,6 +136,7 @@ def test_consecutive_nonfinite_steps_stop_with_intact_checkpoint(tmp_path, monke
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_cli_exits_with_message_on_nonfinite(tmp_path):
     flags = synthetic_flags(tmp_path, "out", "--epochs", "1", "--max_nonfinite_steps", "1", "--lr", "1e30",
                             "--max_iters_per_epoch", "4", "--clip_max_norm", "0")
@@ -143,6 +148,7 @@ def test_cli_exits_with_message_on_nonfinite(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_schedule_wins_unless_asked(tmp_path, caplog):
     train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "1", "--lr", "1e-4")))
     with caplog.at_level(logging.INFO):

@@ -20,6 +20,7 @@ def _args(tmp_path, *extra):
     return finalize_args(get_args_parser().parse_args(flags + list(extra)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [["--with_box_refine", "--two_stage"], []], ids=["refine_two_stage", "plain"])
 def test_train_checkpoint_resume_eval(tmp_path, variant):
     stats = train_main.main(_args(tmp_path, "--epochs", "1", *variant))
@@ -44,6 +45,7 @@ def test_train_checkpoint_resume_eval(tmp_path, variant):
     assert stats["test_coco_eval_bbox"] == pytest.approx(log[0]["test_coco_eval_bbox"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_auto_resume_continues(tmp_path):
     train_main.main(_args(tmp_path, "--epochs", "1"))
     train_main.main(_args(tmp_path, "--epochs", "2", "--auto_resume"))

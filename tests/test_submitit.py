@@ -19,6 +19,7 @@ def _task_pids(controller_pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_and_finishes_identically(tmp_path):
     import run_with_submitit
 
