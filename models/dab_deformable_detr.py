@@ -3,7 +3,7 @@
 specs/dn_dab_dino.md §1.5: deformable encoder, decoder whose positional queries come from the sine
 embedding of each query's anchor box (conditionally scaled after layer 0), anchors refined layer by
 layer (detached, "look forward once"), one class/box head per layer. Denoising is the ``dn`` add-on
-(``--use_dn``; models/criterion/denoising.py), so the model trains with or without it.
+(``--use_dn``; models/addons/dn.py), so the model trains with or without it.
 """
 from __future__ import annotations
 

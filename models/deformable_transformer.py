@@ -191,7 +191,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     ``bbox_embed`` and ``class_embed`` are set by the detector (official aliasing, so that state-dict
     keys match the official checkpoints). A layer returns its output [B, T, C], or a pair (output,
-    one-to-many features) (models/ms_detr_layer.py); the second element is only predicted from.
+    one-to-many features) (models/addons/ms_detr.py); the second element is only predicted from.
     """
 
     def __init__(self, decoder_layer: nn.Module, num_layers: int, look_forward_twice: bool = False,

@@ -93,5 +93,5 @@ def model_defaults(name: str) -> ModelDefaults:
 
 
 def register_addon(name: str) -> Callable:
-    """Decorator for an add-on class (models/criterion/base.py ``AddOn``)."""
+    """Decorator for an add-on class (models/addons/base.py ``AddOn``)."""
     return ADDONS.register(name)

@@ -58,7 +58,7 @@ def setup_logging(output_dir: str | None = None, rank: int = 0) -> None:
 def group_losses(weighted: Mapping[str, float]) -> dict[str, float]:
     """The figures of the progress line: weighted loss terms summed by where they come from.
 
-    Keys follow ``loss_{term}[_{layer}][_{group}]`` (models/criterion/base.py ``loss_key``). The result holds
+    Keys follow ``loss_{term}[_{layer}][_{group}]`` (models/addons/base.py ``loss_key``). The result holds
     ``ce``, ``bbox``, ``giou`` (the main queries' last decoder layer), ``aux`` (the main queries' earlier
     layers, summed) and one sum per group suffix (``dn``, ``enc``, ``o2m``, ``one2many``, ...: every term and
     layer of that group), so the figures add up to the total loss. A term other than ce/bbox/giou without a
