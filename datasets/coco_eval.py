@@ -50,6 +50,27 @@ def to_coco_detections(image_id: int, prediction: Mapping[str, Any]) -> list[dic
             for score, label, (x0, y0, x1, y1) in zip(scores, labels, boxes)]
 
 
+def labels_to_category_ids(prediction: Mapping[str, Any], table: torch.Tensor) -> dict[str, Any]:
+    """One image's predictions with labels 0..C-1 mapped to the annotation file's category ids.
+
+    Used with ``--contiguous_classes``. Predictions of labels beyond the table (a class head set
+    larger than C with ``--num_classes``) are dropped: no category of the file has them, and COCO
+    evaluation would ignore them anyway.
+
+    Args:
+        prediction: ``scores`` [K], ``labels`` [K] (int64, 0..), ``boxes`` [K, 4] tensors.
+        table: int64 [C], ``table[label]`` = category id.
+
+    Returns:
+        A new dict with the same keys, ``labels`` holding category ids.
+    """
+    labels = prediction["labels"]
+    keep = labels < len(table)
+    mapped = {k: v[keep] if torch.is_tensor(v) and len(v) == len(labels) else v for k, v in prediction.items()}
+    mapped["labels"] = table.to(labels.device)[labels[keep]]
+    return mapped
+
+
 def load_detections(coco_gt: COCO, detections: list[dict[str, Any]]) -> COCO:
     """A pycocotools results index over ``coco_gt``'s images; also valid with no detections."""
     if detections:

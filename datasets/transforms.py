@@ -21,6 +21,7 @@ is no pad transform: batches are padded bottom/right by ``collate_fn``, which mo
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import PIL.Image
@@ -302,37 +303,84 @@ def _scaled(value: int, scale: float) -> int:
     return max(1, int(round(value * scale)))
 
 
-def make_coco_transforms(image_set: str, scale: float = 1.0) -> Compose:
-    """The official train/val pipelines, every size multiplied by ``scale``.
+@dataclass(frozen=True)
+class InputSizes:
+    """Every size (pixels) of the train/val pipelines; the defaults are the official values.
+
+    Attributes:
+        train_scales: shorter sides drawn by the training resize (official 480..800).
+        train_max_size: cap on the longer side in training (official 1333).
+        crop_scales: shorter sides of the crop branch's first resize (official 400, 500, 600).
+        crop_min: smallest side of the crop branch's random crop (official 384).
+        crop_max: largest side of that crop (official 600).
+        val_size: shorter side at evaluation (official 800).
+        val_max_size: cap on the longer side at evaluation (official 1333).
+    """
+
+    train_scales: Tuple[int, ...] = TRAIN_SCALES
+    train_max_size: int = TRAIN_MAX_SIZE
+    crop_scales: Tuple[int, ...] = CROP_BRANCH_SCALES
+    crop_min: int = CROP_MIN
+    crop_max: int = CROP_MAX
+    val_size: int = VAL_SIZE
+    val_max_size: int = TRAIN_MAX_SIZE
+
+    @classmethod
+    def scaled(cls, scale: float = 1.0) -> InputSizes:
+        """The official sizes multiplied by ``scale``, each rounded to an integer (at least 1)."""
+        if scale <= 0:
+            raise ValueError(f"input sizes: scale must be positive, got {scale}")
+        def size(value: int) -> int:
+            return _scaled(value, scale)
+
+        return cls(train_scales=tuple(map(size, TRAIN_SCALES)), train_max_size=size(TRAIN_MAX_SIZE),
+                   crop_scales=tuple(map(size, CROP_BRANCH_SCALES)), crop_min=size(CROP_MIN),
+                   crop_max=size(CROP_MAX), val_size=size(VAL_SIZE), val_max_size=size(TRAIN_MAX_SIZE))
+
+    def describe(self) -> str:
+        """One line for logs, e.g. the official sizes: ``train shorter side 480..800 (cap 1333), ...``."""
+        train = f"{min(self.train_scales)}..{max(self.train_scales)}" if len(self.train_scales) > 1 \
+            else str(self.train_scales[0])
+        return (f"train shorter side {train} (cap {self.train_max_size}), crop branch "
+                f"{'/'.join(map(str, self.crop_scales))} then a {self.crop_min}..{self.crop_max} crop, "
+                f"val {self.val_size} (cap {self.val_max_size})")
+
+
+def make_coco_transforms(image_set: str, scale: float = 1.0, sizes: InputSizes | None = None) -> Compose:
+    """The official train/val pipelines, every size multiplied by ``scale`` (or given by ``sizes``).
 
     ``scale=1.0`` gives the official sizes (train shorter sides 480..800, cap 1333; crop branch
     400/500/600 then a crop of 384..600; val 800, cap 1333). Other scales multiply all of these
     and round to integers, so small images (the synthetic set uses ``scale = image_size / 800``)
-    see the same pipeline at their size.
+    see the same pipeline at their size. ``sizes`` sets each size explicitly (``--train_scales``
+    and friends); only the sizes change, never the operations, their order or their random draws.
 
     Args:
         image_set: "train" or "val".
-        scale: multiplier of every size.
+        scale: multiplier of every size (must stay 1.0 when ``sizes`` is given).
+        sizes: the sizes to use, or None for ``InputSizes.scaled(scale)``.
 
     Returns:
         A callable ``(PIL image, target) -> (tensor [3, H, W], target)`` with normalised cxcywh boxes.
     """
     if scale <= 0:
         raise ValueError(f"make_coco_transforms: scale must be positive, got {scale}")
+    if sizes is not None and scale != 1.0:
+        raise ValueError("make_coco_transforms: give either scale or sizes (sizes are final pixel values)")
+    sizes = sizes if sizes is not None else InputSizes.scaled(scale)
     normalize = Compose([ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    scales = [_scaled(s, scale) for s in TRAIN_SCALES]
-    max_size = _scaled(TRAIN_MAX_SIZE, scale)
+    scales = list(sizes.train_scales)
     if image_set == "train":
         crop_branch = Compose([
-            RandomResize([_scaled(s, scale) for s in CROP_BRANCH_SCALES]),
-            RandomSizeCrop(_scaled(CROP_MIN, scale), _scaled(CROP_MAX, scale)),
-            RandomResize(scales, max_size=max_size),
+            RandomResize(list(sizes.crop_scales)),
+            RandomSizeCrop(sizes.crop_min, sizes.crop_max),
+            RandomResize(scales, max_size=sizes.train_max_size),
         ])
         return Compose([
             RandomHorizontalFlip(),
-            RandomSelect(RandomResize(scales, max_size=max_size), crop_branch),
+            RandomSelect(RandomResize(scales, max_size=sizes.train_max_size), crop_branch),
             normalize,
         ])
     if image_set == "val":
-        return Compose([RandomResize([_scaled(VAL_SIZE, scale)], max_size=max_size), normalize])
+        return Compose([RandomResize([sizes.val_size], max_size=sizes.val_max_size), normalize])
     raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
