@@ -9,7 +9,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from datasets.coco_eval import CocoEvaluator
+from datasets import label_category_ids
+from datasets.coco_eval import CocoEvaluator, labels_to_category_ids
 from models.addons import AddOn, StepContext, overrides, query_providers
 from util.logger import MetricLogger, SmoothedValue, write_scalars
 from util.misc import reduce_dict
@@ -37,7 +38,7 @@ def to_device(samples: Any, targets: Sequence[dict], device: torch.device) -> tu
 
 
 def _query_providers(addons: Sequence[AddOn], ctx: StepContext) -> list:
-    """Kept for scripts and tests that drive the query groups by hand (models/criterion/base.py)."""
+    """Kept for scripts and tests that drive the query groups by hand (models/addons/base.py)."""
     return query_providers(addons, ctx)
 
 
@@ -143,11 +144,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds: Any,
              device: torch.device, *, amp: bool = False, amp_dtype: str = "bf16", print_freq: int = 10,
              compute_losses: bool = True) -> tuple[dict[str, Any], CocoEvaluator]:
-    """COCO evaluation (never with add-on queries). Returns (stats incl. ``coco_eval_bbox``, evaluator)."""
+    """COCO evaluation (never with add-on queries). Returns (stats incl. ``coco_eval_bbox``, evaluator).
+
+    With a ``--contiguous_classes`` data set (labels 0..C-1), predicted labels are mapped back to the
+    annotation file's category ids before they reach the evaluator.
+    """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger()
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
+    category_ids = label_category_ids(getattr(data_loader, "dataset", None))
+    table = None if category_ids is None else torch.tensor(category_ids, dtype=torch.int64)
     weight_dict = criterion.weight_dict
     for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
         samples, targets = to_device(samples, targets, device)
@@ -160,6 +167,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
                                  **{f"{k}_unscaled": float(v) for k, v in reduced.items()})
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
         results = postprocessors["bbox"](outputs, orig_target_sizes)
+        if table is not None:
+            results = [labels_to_category_ids(r, table) for r in results]
         coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
     metric_logger.synchronize_between_processes()
     coco_evaluator.synchronize_between_processes()

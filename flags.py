@@ -109,6 +109,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", default=42, type=int)
     g.add_argument("--resume", default="", help="checkpoint to resume from (local path)")
     g.add_argument("--auto_resume", action="store_true", help="continue from output_dir's newest good checkpoint")
+    g.add_argument("--resume_weights_only", action="store_true",
+                   help="load only the weights that fit from --resume/--auto_resume (another model: its flags may "
+                        "differ) and start a new optimizer, schedule and epoch count")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start at epoch 0 even if --output_dir holds an earlier run (its log.txt and checkpoints "
+                        "are deleted)")
     g.add_argument("--schedule_from_args", action="store_true",
                    help="on resume, take lr/lr_drop from the command line instead of the checkpoint")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N")

@@ -2,11 +2,15 @@
 
     python main.py --coco_path data/coco --output_dir exps/r50 [--with_box_refine --two_stage] ...
     python main.py ... --eval --resume exps/r50/checkpoint.pth
+
+Mistakes in the input stop the run before any work with one line on stderr and no traceback: exit
+status 2 for flags (FlagError), 1 for data and files (annotation files, checkpoints, a full disk).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import logging
 import os
@@ -21,16 +25,36 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 import datasets
+from datasets.coco import AnnotationError
 from datasets.seeded import SeededDataset
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from flags import FlagError, describe_model_defaults, finalize_args, get_args_parser, validate_args
 from models import build_model
 from models.addons import evaluation_model
-from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
+from util.checkpoint import (
+    TRAINING_STATE,
+    CheckpointError,
+    DiskFullError,
+    find_start_checkpoint,
+    flag_differences,
+    link_atomic,
+    load_fitting_weights,
+    optimizer_mismatch,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from util.logger import check_tensorboard, describe_run, open_tensorboard, save_args, setup_logging, write_epoch
 from util.misc import all_gather_object, collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.validation import validate_run
 
 logger = logging.getLogger("detr")
+
+# Parser groups whose flags do not shape the model (the rest are compared with a checkpoint's on resume).
+RUN_GROUPS = ("options", "positional arguments", "optimisation", "data", "input sizes")
+# Errors in the user's data and files: cli() exits with their message and status 1.
+INPUT_ERRORS = (AnnotationError, CheckpointError, DiskFullError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError, PermissionError)
 
 
 def match_name_keywords(name: str, keywords: list[str]) -> bool:
@@ -63,8 +87,8 @@ def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[Data
     loader_train = sampler_train = None
     if dataset_train is not None:
         if len(dataset_train) < args.batch_size * world:
-            raise ValueError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
-                             f"{args.batch_size} x {world} processes")
+            raise FlagError(f"--batch_size {args.batch_size} x {world} process(es) is more than the "
+                            f"{len(dataset_train)} training images: lower --batch_size")
         sampler_train = DistributedSampler(SeededDataset(dataset_train, args.seed), num_replicas=world, rank=rank,
                                            shuffle=True, seed=args.seed)
         batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
@@ -78,42 +102,74 @@ def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[Data
     return loader_train, loader_val, sampler_train
 
 
-def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict non-strictly (as official --resume), reporting what did not match.
+def model_flag_names() -> list[str]:
+    """Flags that shape the model, the matcher or the losses (every parser group but the run and data ones)."""
+    return [a.dest for g in get_args_parser()._action_groups if not (g.title or "").startswith(RUN_GROUPS)
+            for a in g._group_actions]
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, args: Any,
+                       saved_args: dict[str, Any]) -> None:
+    """Load a checkpoint's weights; a checkpoint of another model is refused unless --resume_weights_only.
 
     Official names this project keeps elsewhere are mapped by the model's own load hooks
-    (models/addon_builder.py), so official checkpoints also load with a plain strict load_state_dict.
+    (models/addons/builder.py), so official checkpoints load without missing keys.
+
+    Raises:
+        FlagError: keys are missing, unexpected or of another shape (named, with the model flags that differ from
+            the checkpoint's) and --resume_weights_only is not given; the run stops before it uses the model.
     """
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith(("total_params", "total_ops"))]
-    if missing:
-        logger.warning("%s: missing keys: %s", source, missing)
-    if unexpected:
-        logger.warning("%s: unexpected keys: %s", source, unexpected)
+    missing, unexpected, shapes = load_fitting_weights(model, state)
+    differ = flag_differences(saved_args, vars(args), model_flag_names())
+    if not (missing or unexpected or shapes):
+        if differ:
+            logger.info("resume: model flags that differ from %s (its weights all fit): %s", source, "; ".join(differ))
+        return
+    found = "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in (
+        ("key(s) missing from it", missing), ("unexpected key(s)", unexpected), ("key(s) of another shape", shapes))
+        if keys)
+    flags = "; ".join(differ[:8]) + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "") if differ else "none"
+    if not args.resume_weights_only:
+        raise FlagError(f"checkpoint {source} is of another model: {found}. Model flags that differ from the "
+                        f"checkpoint's: {flags}. Give the checkpoint's flags to resume it, or --resume_weights_only to "
+                        "load the weights that fit and start a new optimizer and schedule")
+    logger.warning("--resume_weights_only: %s is of another model: %s; model flags that differ: %s. The rest keeps "
+                   "its initialisation", source, found, flags)
 
 
-def resume(args: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any,
-           addons: list) -> dict | None:
-    """--resume / --auto_resume: weights, and (when training) the optimiser, schedule and RNG states.
+def resume(args: Any, ckpt: dict | None, source: str, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
+           scaler: Any, addons: list) -> dict | None:
+    """Load the start checkpoint: weights, and (when training) the optimiser, schedule and RNG states.
 
     Returns the checkpoint when training state was restored (None for weights only or nothing).
+
+    Raises:
+        FlagError: a checkpoint of another model or optimizer (see :func:`load_model_weights`); the run stops
+            before the model is used.
     """
-    ckpt, source = None, args.resume
-    if args.auto_resume and args.output_dir:
-        found = find_resume_checkpoint(args.output_dir)
-        if found is not None:
-            source, ckpt = str(found[0]), found[1]
-    if ckpt is None and args.resume:
-        ckpt = load_checkpoint(args.resume)
     if ckpt is None:
         return None
     logger.info("resuming from %s (epoch %s)", source, ckpt.get("epoch"))
-    load_model_weights(model, ckpt["model"], source)
-    if args.eval or not all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+    saved = ckpt.get("args") or {}
+    weights_only = args.eval or args.resume_weights_only or not all(k in ckpt for k in TRAINING_STATE)
+    load_model_weights(model, ckpt["model"], source, args, saved)  # raises (the run stops) for another model
+    if not weights_only:
+        problem = optimizer_mismatch(ckpt["optimizer"], optimizer)
+        if problem is None and "sgd" in saved and saved["sgd"] != args.sgd:
+            problem = f"it was trained with {'SGD' if saved['sgd'] else 'AdamW'} (--sgd {saved['sgd']})"
+        if problem is not None:
+            differ = flag_differences(saved, vars(args), model_flag_names() + ["lr_backbone", "lr_backbone_names",
+                                                                               "lr_linear_proj_names", "sgd"])
+            raise FlagError(f"checkpoint {source} cannot continue this run: {problem}; flags that differ from the "
+                            f"checkpoint's: {'; '.join(differ) or 'none'}. Give the checkpoint's flags, or "
+                            "--resume_weights_only to load its weights and start a new optimizer and schedule")
+    if weights_only:
+        if args.resume_weights_only and not args.eval:
+            logger.info("--resume_weights_only: weights of %s loaded; optimizer, schedule and epochs start anew",
+                        source)
         return None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    saved = ckpt.get("args") or {}
     if args.schedule_from_args:
         base_lrs = [g["lr"] for g in param_groups(model, args)]
         lr_scheduler.step_size = args.lr_drop
@@ -143,7 +199,11 @@ def resume(args: Any, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
 
 def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
                      scaler: Any, addons: list, train_stats: dict) -> None:
-    """checkpoint.pth every epoch; checkpoint{epoch:04}.pth before each lr drop, every --save_every, and last."""
+    """checkpoint.pth every epoch; checkpoint{epoch:04}.pth before each lr drop, every --save_every, and last.
+
+    The numbered file is a hard link to checkpoint.pth (the bytes are written once; save_atomic replaces
+    checkpoint.pth by a rename later, never in place). A full disk raises DiskFullError, the previous files kept.
+    """
     rngs = all_gather_object(rng_state())  # every rank's RNG, for exact resume
     if not is_main_process() or not args.output_dir:
         return
@@ -157,7 +217,7 @@ def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: A
     out = Path(args.output_dir)
     save_atomic(state, out / "checkpoint.pth")
     if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-        save_atomic(state, out / f"checkpoint{epoch:04}.pth")
+        link_atomic(out / "checkpoint.pth", out / f"checkpoint{epoch:04}.pth")
 
 
 def read_log(output_dir: str) -> list[dict]:
@@ -201,23 +261,68 @@ def reconcile_log(args: Any, ckpt: dict, evaluate_fn: Any) -> None:
         write_log(args.output_dir, kept + [entry])
 
 
+def check_device(args: Any) -> None:
+    """--device cuda falls back to cpu without CUDA (documented); a device that is absent is refused."""
+    kind = torch.device(args.device)
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("--device %s requested but CUDA is not available; using cpu (pass --device cpu to say so, "
+                       "or install a CUDA build of torch to use the GPU)", args.device)
+        args.device = "cpu"
+        if args.msda_impl == "cuda":
+            raise FlagError("--msda_impl cuda needs CUDA, which is not available here: use --msda_impl auto")
+    elif kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise FlagError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif kind.type not in ("cpu", "cuda"):
+        backend = getattr(torch, kind.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise FlagError(f"--device {args.device}: no {kind.type} device is available here; use cpu or cuda")
+
+
+def check_num_classes(args: Any, given: bool, splits: list[Any]) -> None:
+    """Every label of the data must be below --num_classes (else the matcher fails with an IndexError).
+
+    Raises:
+        FlagError: naming the annotation file, its largest label and --num_classes.
+    """
+    for dataset in splits:
+        while not hasattr(dataset, "coco") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset
+        table = getattr(dataset, "category_ids", None)  # --contiguous_classes: labels 0..C-1
+        ids = [a["category_id"] for a in dataset.coco.anns.values() if not a.get("iscrowd", 0)]
+        if not ids:
+            continue
+        top = len(table) - 1 if table is not None else max(ids)
+        if top < args.num_classes:
+            continue
+        kind = "contiguous class indexes" if table is not None else "raw category ids"
+        fix = ("pass --num_classes {n} or more, or leave it out (max category id + 1 of the training file)" if given
+               else "the training file's max category id + 1 gives {c}: pass --num_classes {n} or more")
+        raise FlagError(f"--num_classes {args.num_classes} is too small for {dataset.ann_file}: its labels go up to "
+                        f"{top} (labels are the {kind}), so at least {top + 1} class logits are needed: "
+                        + fix.format(n=top + 1, c=args.num_classes))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run training (or --eval). Returns the last epoch's log entry.
 
     Raises:
-        FlagError: an impossible flag value or combination (``validate_args``), before anything is built.
+        FlagError: an impossible flag value or combination (``validate_args``), before anything is built; --eval
+            with nothing to evaluate, a fresh start over an earlier run, --num_classes below the data's labels, a
+            checkpoint of another model.
+        AnnotationError, CheckpointError, FileNotFoundError: unusable data or files (named in the message).
+        DiskFullError: no space to save a checkpoint (the previous one is kept).
     """
     validate_args(args)
+    validate_run(args)
     check_tensorboard(args.tensorboard, args.output_dir)
     init_distributed_mode(args)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir, get_rank())
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("--device %s requested but CUDA is not available; using cpu (pass --device cpu to say so, "
-                       "or install a CUDA build of torch to use the GPU)", args.device)
-        args.device = "cpu"
+    check_device(args)
     device = torch.device(args.device)
+    start_ckpt, start_source = find_start_checkpoint(args)
     seed = args.seed + get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -225,8 +330,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     dataset_val = datasets.build_dataset("val", args)
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
-    if args.num_classes is None:
+    given = args.num_classes is not None
+    if not given:
         args.num_classes = datasets.num_classes_for(args, dataset_train)
+    check_num_classes(args, given, [d for d in (dataset_train, dataset_val) if d is not None])
     if is_main_process():  # every flag: output_dir/args.json (the log gets a summary once the model is built)
         save_args(args, args.output_dir)
     logger.info("%s", describe_model_defaults(args))
@@ -255,7 +362,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "fp16" else None
     addons = criterion.addons
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
-    ckpt = resume(args, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+    ckpt = resume(args, start_ckpt, start_source, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+    del start_ckpt
     eval_kwargs = {"amp": args.amp, "amp_dtype": args.amp_dtype, "print_freq": args.print_freq}
     if ckpt is not None:
         reconcile_log(args, ckpt, lambda: evaluate(evaluation_model(model, addons), criterion, postprocessors,
@@ -268,6 +376,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, Path(args.output_dir) / "eval.pth")
         return {f"test_{k}": v for k, v in test_stats.items()}
 
+    if args.start_epoch >= args.epochs:
+        logger.warning("nothing to train: the run starts at epoch %d and --epochs is %d (a finished run: raise "
+                       "--epochs to train longer)", args.start_epoch, args.epochs)
     logger.info("Start training")
     tb_writer = open_tensorboard(args.output_dir) if args.tensorboard and is_main_process() else None
     start_time = time.time()
@@ -304,17 +415,35 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """Command-line entry: an impossible flag exits with status 2 and a one-line message (as argparse's own
-    errors), a non-finite-loss stop with status 1 and a message; neither with a traceback."""
+    """Command-line entry: a mistake in the input exits with a one-line message and no traceback, status 2 for
+    flags (as argparse's own errors) and 1 for data and files; a non-finite-loss stop exits with status 1."""
     args = finalize_args(get_args_parser().parse_args())
     try:
         main(args)
     except FlagError as e:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {e}\n")
-        raise SystemExit(2) from None
+        _fail(str(e), 2)
     except NonFiniteLossError as e:
         logger.error("training stopped: %s", e)
         raise SystemExit(1) from None
+    except INPUT_ERRORS as e:
+        _fail(str(e), 1)
+    except OSError as e:  # the machine's files: a full disk, a read-only file system, ...
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            _fail(f"no space left on the device while writing {e.filename or 'a file'}; free some space and continue "
+                  "with --auto_resume", 1)
+        if not e.filename:
+            raise
+        _fail(f"{e.filename}: {e.strerror or e}", 1)
+
+
+def _fail(message: str, status: int) -> None:
+    """One line on stderr (and in train.log when it is open), then exit with ``status``."""
+    message = " ".join(message.split())
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,), None))
+    raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

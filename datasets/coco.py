@@ -11,8 +11,21 @@ What is checked, and when:
   the file) is raised; boxes with zero or negative size, boxes wholly outside their image,
   unknown category ids and annotations of unknown images are dropped; boxes reaching outside
   their image are clamped; each kind is counted and logged once per file with an example id;
+* ids must be integers (image ids, category ids and the annotations' ``image_id`` and
+  ``category_id``; category ids >= 0, as they are the labels; integral floats such as ``1.0`` are
+  read as integers), ``file_name`` a string, ``area`` a number and ``iscrowd`` 0 or 1, and image,
+  annotation and category ids unique, else :class:`AnnotationError` names the file and the entry;
+* when the data set is built, every image file's header is read (no decoding): an image whose
+  EXIF orientation rotates or flips it is read as a viewer shows it, and its entry's
+  ``width``/``height`` must be that shown size. Entries that differ from their file are counted and
+  logged, and resolved as the official loaders do: the file's size wins, boxes are pixels of the
+  file and are clamped or dropped against it (so the counts logged are what reaches the targets).
+  One exception: an EXIF-rotated image whose entry gives the stored (unrotated) size is read
+  unrotated, so that its boxes stay in the frame they were drawn in (counted and logged);
 * when an item is read, an image that is missing or cannot be decoded is logged (file and
-  error) and replaced by the next readable image, with a running count of skips in the log.
+  error) and replaced by the next readable image, with a running count of skips in the log;
+  16-bit and 32-bit grey images are scaled to 8 bits (a plain RGB conversion would clip them to
+  white).
 """
 from __future__ import annotations
 
@@ -22,10 +35,13 @@ import json
 import logging
 import math
 import os
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import PIL.Image
 import torch
 from pycocotools.coco import COCO
@@ -47,8 +63,21 @@ _DROP_MESSAGES = {
 }
 
 
+# EXIF orientation -> the transpose that shows the image as a viewer does (as PIL.ImageOps.exif_transpose).
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {2: PIL.Image.Transpose.FLIP_LEFT_RIGHT, 3: PIL.Image.Transpose.ROTATE_180,
+              4: PIL.Image.Transpose.FLIP_TOP_BOTTOM, 5: PIL.Image.Transpose.TRANSPOSE,
+              6: PIL.Image.Transpose.ROTATE_270, 7: PIL.Image.Transpose.TRANSVERSE, 8: PIL.Image.Transpose.ROTATE_90}
+HEADER_THREADS = 16  # image headers are read in threads (I/O bound: network file systems)
+
+
 class AnnotationError(ValueError):
-    """An annotation file that cannot be used: not JSON, missing keys, or entries lacking fields."""
+    """An annotation file that cannot be used: not JSON, missing keys, entries lacking fields or with ids of the
+    wrong type. main.py's cli() exits with its message (status 1)."""
+
+
+class NoReadableImageError(AnnotationError, RuntimeError):
+    """Not one image of a data set can be read (also a RuntimeError, as when it is found at read time)."""
 
 
 def read_annotation_file(ann_file: str | os.PathLike) -> dict[str, Any]:
@@ -66,6 +95,8 @@ def read_annotation_file(ann_file: str | os.PathLike) -> dict[str, Any]:
             a required field or has a malformed ``bbox``.
     """
     path = Path(ann_file)
+    if path.is_dir():
+        raise AnnotationError(f"annotation file {path} is a folder; give the COCO JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found")
     try:
@@ -93,9 +124,50 @@ def read_annotation_file(ann_file: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(data["categories"], list):
             raise AnnotationError(f"annotation file {path}: 'categories' must be a list")
         _check_entries(path, data["categories"], "categories", ("id",))
+    _check_values(path, data)
     _check_unique(path, data["images"], "image")
     _check_unique(path, data["annotations"], "annotation")
+    _check_unique(path, data.get("categories") or [], "category")
     return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# (list, field, what it is, test, what it must be)
+_VALUE_RULES = (
+    ("images", "id", "image id", _is_int, "an integer (COCO format); number the images and use those numbers as "
+                                          "the annotations' image_id"),
+    ("images", "file_name", "file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    ("annotations", "id", "annotation id", lambda v: _is_int(v) or isinstance(v, str), "an integer"),
+    ("annotations", "image_id", "image_id", _is_int, "an integer: the id of an entry of 'images'"),
+    ("annotations", "category_id", "category_id", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0: the id of an entry of 'categories' (it is the class label)"),
+    ("annotations", "area", "area", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+     and math.isfinite(v) and v >= 0, "a finite number >= 0 (or left out: the box area)"),
+    ("annotations", "iscrowd", "iscrowd", lambda v: v in (0, 1) and not isinstance(v, float),
+     "0 or 1 (or left out: 0)"),
+    ("categories", "id", "category id", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (COCO format: the labels are the category ids)"),
+)
+
+
+def _check_values(path: Path, data: dict[str, Any]) -> None:
+    """Ids and fields of the wrong type fail here, naming the file and the entry, not at the first batch.
+
+    Integral floats (``1.0``, as pandas writes integer columns with gaps) are read as integers, in place.
+    """
+    for kind, field, what, ok, expected in _VALUE_RULES:
+        for i, entry in enumerate(data.get(kind) or []):
+            value = entry.get(field)
+            if isinstance(value, float) and value.is_integer() and field in ("id", "image_id", "category_id"):
+                entry[field] = int(value)
+            if field in entry and not ok(entry[field]):
+                value = entry[field]
+                which = f"{kind}[{i}]" if field == "id" else f"{kind}[{i}] (id={entry.get('id')!r})"
+                raise AnnotationError(f"annotation file {path}: {which} has {what} {value!r} (a "
+                                      f"{type(value).__name__}); it must be {expected}")
 
 
 def _check_entries(path: Path, entries: list, kind: str, required: tuple[str, ...]) -> None:
@@ -202,6 +274,109 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
     return coco_from_dict(clean_annotations(data, source=str(ann_file)))
 
 
+def image_header(source: str | os.PathLike | io.BytesIO) -> tuple[tuple[int, int], int]:
+    """(stored width, height) and EXIF orientation (1..8, 1 when absent) of an image file, without decoding it."""
+    with PIL.Image.open(source) as img:
+        return img.size, _orientation(img)
+
+
+def _orientation(img: PIL.Image.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # a PNG's EXIF chunk after the pixels is only found by decoding them; viewers mostly ignore it too
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, as viewers do
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB as a viewer shows the pixels: 16-bit grey (and 32-bit integer grey holding values above 255)
+    scaled by 1/257, float grey in [0, 1] scaled by 255 (PIL's convert would clip them, e.g. to white)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            arr = arr * 255.0 if arr.size and np.nanmax(arr) <= 1.0 else arr
+        elif img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr / 257.0
+        img = PIL.Image.fromarray(np.nan_to_num(arr).round().clip(0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def index_image_files(img_folder: Path, images: list[dict], source: str) -> tuple[list[dict], dict[Any, int]]:
+    """Read every image file's header and reconcile it with its entry (see the module docstring).
+
+    Args:
+        img_folder: folder of the images.
+        images: the annotation file's ``images`` entries (not modified).
+        source: the annotation file, for log lines.
+
+    Returns:
+        The entries with ``width``/``height`` of the image as it is read (copies where they change), and the
+        EXIF orientation to apply to each image id (absent: none).
+
+    Raises:
+        NoReadableImageError: no image file can be read.
+    """
+    def header(entry: dict) -> Any:
+        try:
+            return image_header(img_folder / entry["file_name"])
+        except IMAGE_READ_ERRORS as err:
+            return err
+
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
+        headers = list(pool.map(header, images))
+    out, orientation, counts, examples = [], {}, Counter(), {}
+    for entry, head in zip(images, headers):
+        if isinstance(head, BaseException):
+            counts["unreadable"] += 1
+            examples.setdefault("unreadable", f"{img_folder / entry['file_name']}: {type(head).__name__}: {head}")
+            out.append(entry)
+            continue
+        (w, h), rot = head
+        shown = (h, w) if rot >= 5 else (w, h)  # 5..8 swap the axes
+        given = (entry.get("width"), entry.get("height"))
+        size = shown
+        if given == (w, h) != shown:  # an EXIF rotation, and the entry gives the stored size
+            counts["stored_frame"] += 1
+            examples.setdefault("stored_frame", entry["file_name"])
+            rot, size = 1, (w, h)
+        elif given != shown and given != (None, None):
+            counts["mismatch"] += 1
+            examples.setdefault("mismatch", f"{entry['file_name']}: entry {given[0]}x{given[1]}, file "
+                                            f"{shown[0]}x{shown[1]}")
+        if rot != 1:
+            counts["oriented"] += 1
+            orientation[entry["id"]] = rot
+        out.append(entry if given == size else {**entry, "width": size[0], "height": size[1]})
+    _log_index(source, img_folder, len(images), counts, examples, time.time() - start)
+    if images and counts["unreadable"] == len(images):
+        raise NoReadableImageError(f"none of the {len(images)} images of {source} under {img_folder} could be read "
+                                   f"(e.g. {examples['unreadable']})")
+    return out, orientation
+
+
+def _log_index(source: str, folder: Path, n: int, counts: Counter, examples: dict, seconds: float) -> None:
+    logger.info("%s: read the headers of %d image file(s) in %.1f s", source, n, seconds)
+    if counts["unreadable"]:  # info: each read of such a file is a warning (with a running count)
+        logger.info("%s: %d of %d image file(s) under %s are missing or unreadable (e.g. %s); each is replaced by "
+                    "the next readable image when read", source, counts["unreadable"], n, folder,
+                    examples["unreadable"])
+    if counts["mismatch"]:
+        logger.warning("%s: %d image(s) whose width/height differ from the file (e.g. %s); the file's size is used "
+                       "and boxes are taken as pixels of the file, as the official loaders do (boxes outside it are "
+                       "clamped or dropped, counted below); if the boxes were drawn on images of the entry's size, "
+                       "scale the boxes or the images", source, counts["mismatch"], examples["mismatch"])
+    if counts["stored_frame"]:
+        logger.warning("%s: %d EXIF-rotated image(s) whose width/height are those of the stored pixels (e.g. %s): "
+                       "read unrotated, so that their boxes stay in the frame they were drawn in", source,
+                       counts["stored_frame"], examples["stored_frame"])
+    if counts["oriented"]:
+        logger.info("%s: %d image(s) with an EXIF orientation are read rotated/flipped as a viewer shows them",
+                    source, counts["oriented"])
+
+
 def convert_annotations(image: PIL.Image.Image, image_id: int, annotations: list[dict]) -> dict[str, torch.Tensor]:
     """COCO annotations of one image -> the official target dict (xyxy pixel boxes).
 
@@ -258,9 +433,14 @@ class CocoDetection(Dataset):
                  extra_box_sets: Optional[Callable[[PIL.Image.Image, dict], dict]] = None) -> None:
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
-        self.coco = load_coco(ann_file)
+        data = read_annotation_file(ann_file)
+        if self.img_folder.exists() and not self.img_folder.is_dir():
+            raise NotADirectoryError(f"image folder {self.img_folder} (for {self.ann_file}) is a file; give the "
+                                     "folder that holds the images")
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"image folder {self.img_folder} (for {self.ann_file}) not found")
+        images, self._orientation = index_image_files(self.img_folder, data["images"], str(ann_file))
+        self.coco = coco_from_dict(clean_annotations({**data, "images": images}, source=str(ann_file)))
         self.ids = sorted(self.coco.imgs.keys())
         self._transforms = transforms
         self.extra_box_sets = extra_box_sets
@@ -285,7 +465,9 @@ class CocoDetection(Dataset):
         data = self._cache.get(image_id)
         source = io.BytesIO(data) if data is not None else self._path(image_id)
         with PIL.Image.open(source) as img:
-            return img.convert("RGB")  # forces the full decode, so truncated files fail here
+            img = to_rgb(img)  # forces the full decode, so truncated files fail here
+        rot = self._orientation.get(image_id, 1)
+        return img if rot == 1 else img.transpose(_TRANSPOSE[rot])
 
     def __len__(self) -> int:
         return len(self.ids)

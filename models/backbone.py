@@ -14,6 +14,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
+from util.checkpoint import CheckpointError
 from util.misc import NestedTensor
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def load_local_weights(module: nn.Module, path: str, name: str) -> None:
     """Load backbone weights from a local file (torchvision/timm state dict, or a dict under 'model').
 
     Classification-head keys are ignored; any other missing key is reported.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file cannot be read, or holds weights of another architecture (names the file).
     """
     file = Path(path)
     if not file.is_file():
@@ -59,13 +64,33 @@ def load_local_weights(module: nn.Module, path: str, name: str) -> None:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-        raise ValueError(f"--pretrained_backbone_path: cannot read {path}: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"--pretrained_backbone_path: cannot read {path} ({type(e).__name__}: {reason}); "
+                              f"it must be a torchvision/timm {name} state dict saved with torch.save") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--pretrained_backbone_path: {path} holds a {type(state).__name__}, not a state dict "
+                              f"of {name} weights")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = module.state_dict()
+    shapes = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    if shapes or not set(state) & set(own):
+        example = (f" (e.g. {shapes[0]}: {list(getattr(state[shapes[0]], 'shape', []))} in the file, "
+                   f"{list(own[shapes[0]].shape)} in {name})" if shapes else "")
+        what = (f"{len(shapes)} of its tensors have other shapes than {name}'s{example}" if shapes
+                else f"none of its {len(state)} names is a parameter name of the {name} feature extractor (file: "
+                     f"{next(iter(state), None)}, ...; {name}: {next(iter(own), None)}, ...)")
+        raise CheckpointError(f"--pretrained_backbone_path {path} does not hold {name} weights: {what}; pass the "
+                              f"weights of --backbone {name}, or the --backbone the file was saved from")
     missing, unexpected = module.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith(("fc.", "head", "classifier"))]
+    if unexpected and name in RESNETS:
+        raise CheckpointError(f"--pretrained_backbone_path {path} does not hold {name} weights: it has "
+                              f"{len(unexpected)} tensors {name} does not (e.g. {unexpected[0]}), the weights of a "
+                              f"deeper ResNet?; pass the weights of --backbone {name}, or the --backbone the file was "
+                              "saved from")
     logger.info("loaded %s weights from %s (missing %d, unexpected %d)", name, path, len(missing), len(unexpected))
     if missing:
         logger.warning("--pretrained_backbone_path %s lacks %d %s weights (first: %s); check that the file holds "

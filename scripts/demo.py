@@ -32,6 +32,7 @@ DEMO_FLAGS = [
     "--lr", "4e-4", "--lr_backbone", "4e-4", "--batch_size", "8", "--epochs", "6", "--lr_drop", "5",
     "--eval_every", "6",
     "--device", "cpu", "--num_workers", "1", "--print_freq", "50", "--output_dir", "outputs/demo",
+    "--overwrite",  # a new demo replaces the previous one
 ]
 
 

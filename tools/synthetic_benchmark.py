@@ -36,10 +36,8 @@ def read_rows(path: Path) -> list[tuple[str, str]]:
 
 def run_row(name: str, flags: str, out: Path, budget: str, extra: str) -> dict:
     row_dir = out / name
-    if (row_dir / "log.txt").is_file():
-        (row_dir / "log.txt").unlink()  # a fresh run, not a resumed one
     cmd = [sys.executable, str(ROOT / "main.py"), *COMMON.split(), *budget.split(), *flags.split(), *extra.split(),
-           "--output_dir", str(row_dir)]
+           "--output_dir", str(row_dir), "--overwrite"]  # a fresh run, not a resumed one
     start = time.time()
     with (out / f"{name}.out").open("w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)

@@ -4,7 +4,10 @@ Reads only the flags (no model or data code), so every layer may call it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from util.errors import FlagError
 
@@ -63,6 +66,17 @@ def flag_problems(args: Any) -> list[str]:
             at_least("scalar", 1, " with denoising on (--use_dn)")
     if _addon_on(args, "ms_detr", bool(v.get("use_ms_detr"))):
         at_least("o2m_matcher_k", 1, " with MS-DETR on (--use_ms_detr)")
+    if v.get("input_scale") is not None and not v["input_scale"] > 0:
+        problems.append(f"--input_scale must be > 0 (a multiplier of the official sizes), got {v['input_scale']}")
+    for dest in ("train_max_size", "val_size", "val_max_size"):
+        at_least(dest, 1, " (pixels)")
+    for dest in ("train_scales", "crop_scales", "crop_size"):
+        if v.get(dest) is not None and min(v[dest]) < 1:
+            problems.append(f"--{dest} must be positive pixel sizes, got {' '.join(map(str, v[dest]))}")
+    crop = v.get("crop_size")
+    if crop is not None and min(crop) >= 1 and crop[0] > crop[1]:
+        problems.append(f"--crop_size MIN MAX needs MIN <= MAX, got {crop[0]} {crop[1]}")
+    problems += run_flag_problems(v)
     return problems
 
 
@@ -73,5 +87,64 @@ def validate_args(args: Any) -> None:
         FlagError: every problem found, in one line.
     """
     problems = flag_problems(args)
+    if problems:
+        raise FlagError("; ".join(problems))
+
+
+def run_flag_problems(v: dict[str, Any]) -> list[str]:
+    """Values that cannot work together: --device, the resume flags, the matcher costs, --dilation, --msda_impl
+    (values only; the paths are checked by :func:`validate_run`)."""
+    problems: list[str] = []
+    device = v.get("device")
+    if isinstance(device, str):
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind in (None, "meta"):
+            problems.append(f"--device must be cpu, cuda or cuda:N (or another torch device: mps, xpu), got {device!r}")
+    if v.get("auto_resume") and v.get("output_dir") == "":
+        problems.append("--auto_resume needs --output_dir (the folder whose newest checkpoint it continues from)")
+    if v.get("resume_weights_only") and not v.get("resume") and not v.get("auto_resume"):
+        problems.append("--resume_weights_only needs --resume FILE (or --auto_resume)")
+    costs = [v.get(f"set_cost_{k}") for k in ("class", "bbox", "giou")]
+    if None not in costs and not any(costs):
+        problems.append("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the matcher needs one cost")
+    if v.get("dilation") and v.get("backbone") not in (None, "resnet50", "resnet101"):
+        problems.append(f"--dilation (DC5) needs --backbone resnet50 or resnet101 (Bottleneck ResNets), got "
+                        f"{v['backbone']}")
+    impl = v.get("msda_impl")
+    if impl is not None and impl not in ("auto", "pytorch", "cpu", "cuda"):
+        problems.append(f"--msda_impl must be auto, pytorch, cpu or cuda, got {impl!r}")
+    elif impl == "cuda" and isinstance(device, str) and device.startswith("cpu"):
+        problems.append("--msda_impl cuda runs on CUDA tensors only; with --device cpu use auto, pytorch or cpu")
+    return problems
+
+
+def validate_run(args: Any) -> None:
+    """Refuse a run that cannot work here, before anything is made (paths are looked at, nothing is created):
+    --output_dir that is a file or inside one, --resume that is a folder or (without --auto_resume) missing,
+    --eval with no checkpoint to evaluate. (Kept apart from :func:`validate_args`, which config scripts with
+    placeholder paths also pass.)
+
+    Raises:
+        FlagError: every problem found, in one line.
+    """
+    v, problems = vars(args), []
+    if v.get("eval") and not v.get("resume") and not v.get("auto_resume"):
+        problems.append("--eval: nothing to evaluate (a model that was not trained): pass --resume FILE, a checkpoint "
+                        "of this model")
+    out = v.get("output_dir")
+    if out:
+        existing = next((p for p in [Path(out), *Path(out).parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == Path(out) else f"is inside {existing}, which is a file"
+            problems.append(f"--output_dir {out} {where}; give a folder (it is created when missing)")
+    resume = v.get("resume")
+    if resume and Path(resume).is_dir():
+        problems.append(f"--resume {resume} is a folder; give a checkpoint file, or --output_dir {resume} "
+                        "--auto_resume for its newest checkpoint")
+    elif resume and not Path(resume).exists() and not v.get("auto_resume"):
+        problems.append(f"--resume {resume}: no such file")
     if problems:
         raise FlagError("; ".join(problems))

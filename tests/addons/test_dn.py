@@ -299,13 +299,11 @@ def test_contrastive_denoising_has_no_indicator(host):
 
 
 def test_official_label_enc_key_loads_into_the_table():
-    from main import load_model_weights
-
     model, _, _ = build_model(tiny_args("-m", "dn_dab_deformable_detr", "--use_dn"))
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     own = [k for k in state if k.endswith("label_enc.weight")]
     assert len(own) == 1  # one table, one key
     state["label_enc.weight"] = state.pop(own[0])  # the official checkpoints' key
-    load_model_weights(model, state, "official")
+    model.load_state_dict(state, strict=True)  # a plain strict load, as users' scripts do
     assert torch.equal(_label_table(model).weight, state["label_enc.weight"])
     assert torch.equal(model.tgt_embed.weight, state["tgt_embed.weight"])
