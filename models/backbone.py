@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from util.checkpoint import CheckpointError
+from util.errors import FlagError
 from util.misc import NestedTensor
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,9 @@ class TimmBackbone(BackboneBase):
         kwargs = {"features_only": True, "pretrained": False, "drop_path_rate": drop_path_rate}
         if "swin" in model_name:
             kwargs["strict_img_size"] = False  # any input size, padded to the window inside timm
+        if not timm.is_model(model_name):
+            raise FlagError(f"--backbone {name}: unknown backbone; use resnet18/34/50/101, swin_tiny/small/large, "
+                            f"convnext_tiny or timm:<name> with a timm model name")
         body = timm.create_model(model_name, **kwargs)
         n = len(body.feature_info.channels())
         idx = list(range(n - num_levels, n)) if return_interm_layers else [n - 1]

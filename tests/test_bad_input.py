@@ -577,3 +577,12 @@ def test_other_write_faults_exit_1_naming_the_file(tmp_path, monkeypatch, capsys
     status, err = _cli(monkeypatch, capsys, ["--device", "cpu"])
     assert status == 1
     _assert_one_line(err, needle, str(tmp_path / "log.txt"))
+
+
+def test_unknown_backbone_is_a_flag_error():
+    from models import build_model
+    from tests.conftest import tiny_args
+    from util.errors import FlagError
+
+    with pytest.raises(FlagError, match="--backbone resnet19: unknown backbone"):
+        build_model(tiny_args("--backbone", "resnet19"))
