@@ -116,7 +116,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="start at epoch 0 even if --output_dir holds an earlier run (its log.txt and checkpoints "
                         "are deleted)")
     g.add_argument("--schedule_from_args", action="store_true",
-                   help="on resume, take lr/lr_drop from the command line instead of the checkpoint")
+                   help="on resume, take lr/lr_drop from the command line (the official behaviour, also the default "
+                        "when they differ from the checkpoint's)")
+    g.add_argument("--schedule_from_checkpoint", action="store_true",
+                   help="on resume, keep the checkpoint's lr/lr_drop even when the command line differs "
+                        "(deliberate difference; official: the command line wins)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N")
     g.add_argument("--eval", action="store_true")
     g.add_argument("--num_workers", default=2, type=int)

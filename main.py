@@ -170,21 +170,22 @@ def resume(args: Any, ckpt: dict | None, source: str, model: torch.nn.Module, op
         return None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    if args.schedule_from_args:
+    changed = [k for k in ("lr", "lr_backbone", "lr_drop", "epochs") if k in saved and saved[k] != getattr(args, k)]
+    # Official (Deformable-DETR --resume): the command line's lr and lr_drop override the checkpoint's;
+    # --schedule_from_checkpoint keeps the checkpoint's (this project's opt-in).
+    if not args.schedule_from_checkpoint and (changed or args.schedule_from_args):
         base_lrs = [g["lr"] for g in param_groups(model, args)]
         lr_scheduler.step_size = args.lr_drop
         lr_scheduler.base_lrs = base_lrs
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["initial_lr"] = base
             group["lr"] = base * lr_scheduler.gamma ** (lr_scheduler.last_epoch // args.lr_drop)
-        logger.info("resume: schedule taken from the command line (--schedule_from_args): lr %g, lr_drop %d",
-                    args.lr, args.lr_drop)
-    else:
-        changed = [k for k in ("lr", "lr_backbone", "lr_drop", "epochs") if k in saved and saved[k] != getattr(args, k)]
-        if changed:
-            logger.warning("resume: the checkpoint's schedule is used; these flags differ from it and are ignored "
-                           "for the schedule: %s (pass --schedule_from_args to use the command line)",
-                           ", ".join(f"{k}={getattr(args, k)} (checkpoint {saved[k]})" for k in changed))
+        logger.info("resume: schedule taken from the command line (as the official --resume): lr %g, lr_drop %d "
+                    "(--schedule_from_checkpoint keeps the checkpoint's)", args.lr, args.lr_drop)
+    elif changed:
+        logger.warning("resume: the checkpoint's schedule is used (--schedule_from_checkpoint); these flags differ "
+                       "from it and are ignored for the schedule: %s",
+                       ", ".join(f"{k}={getattr(args, k)} (checkpoint {saved[k]})" for k in changed))
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     for addon in addons:

@@ -55,6 +55,9 @@ SIZE_SAMPLE = 200  # image headers read when the annotation file lacks width/hei
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Add the data flags that the official Deformable-DETR ``main.py`` does not have."""
     group = parser.add_argument_group("data")
+    group.add_argument("--exif_orientation", action="store_true",
+                       help="read images as a viewer shows them (EXIF orientation applied; boxes must be in that "
+                            "frame); official: the stored pixels")
     group.add_argument("--train_transforms", default="official", choices=("official", "val"),
                        help="'val': train without augmentation (the val resize only)")
     group.add_argument("--synthetic_image_size", type=int, default=128,
@@ -217,9 +220,11 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
     if getattr(args, "contiguous_classes", False):
         dataset: CocoDetection = ContiguousCocoDetection(img_folder, ann_file, transforms=transforms,
                                                          cache_mode=cache_mode,
-                                                         category_ids=_contiguous_ids(image_set, args))
+                                                         category_ids=_contiguous_ids(image_set, args),
+                                                         exif_orientation=getattr(args, "exif_orientation", False))
     else:
-        dataset = CocoDetection(img_folder, ann_file, transforms=transforms, cache_mode=cache_mode)
+        dataset = CocoDetection(img_folder, ann_file, transforms=transforms, cache_mode=cache_mode,
+                                exif_orientation=getattr(args, "exif_orientation", False))
     if image_set == "train" or getattr(args, "eval", False):
         lines, hint = image_size_report(dataset, sizes)
         for line in [f"input sizes {sizes.describe()}", *lines]:

@@ -303,7 +303,8 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
-def index_image_files(img_folder: Path, images: list[dict], source: str) -> tuple[list[dict], dict[Any, int]]:
+def index_image_files(img_folder: Path, images: list[dict], source: str,
+                      exif_orientation: bool = False) -> tuple[list[dict], dict[Any, int]]:
     """Read every image file's header and reconcile it with its entry (see the module docstring).
 
     Args:
@@ -335,6 +336,8 @@ def index_image_files(img_folder: Path, images: list[dict], source: str) -> tupl
             out.append(entry)
             continue
         (w, h), rot = head
+        if not exif_orientation:  # official: the stored pixels, whatever the EXIF tag says
+            rot = 1
         shown = (h, w) if rot >= 5 else (w, h)  # 5..8 swap the axes
         given = (entry.get("width"), entry.get("height"))
         size = shown
@@ -421,6 +424,8 @@ class CocoDetection(Dataset):
         ann_file: COCO-format JSON annotation file.
         transforms: joint ``(PIL image, target) -> (image, target)`` transform, or None.
         cache_mode: read every image file's encoded bytes into memory when the set is built.
+        exif_orientation: apply each image's EXIF orientation (``--exif_orientation``; official: the stored
+            pixels are read as they are, and COCO's boxes are in that frame).
         extra_box_sets: ``(PIL image, target) -> target`` attaching extra box sets to the converted
             target before the transforms (with ``datasets.transforms.add_box_set``; for example
             Teach-DETR's teacher boxes), or None. Give it to the training split only: targets then
@@ -430,7 +435,8 @@ class CocoDetection(Dataset):
 
     def __init__(self, img_folder: str | os.PathLike, ann_file: str | os.PathLike,
                  transforms: Optional[Callable] = None, cache_mode: bool = False,
-                 extra_box_sets: Optional[Callable[[PIL.Image.Image, dict], dict]] = None) -> None:
+                 extra_box_sets: Optional[Callable[[PIL.Image.Image, dict], dict]] = None,
+                 exif_orientation: bool = False) -> None:
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         data = read_annotation_file(ann_file)
@@ -439,7 +445,8 @@ class CocoDetection(Dataset):
                                      "folder that holds the images")
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"image folder {self.img_folder} (for {self.ann_file}) not found")
-        images, self._orientation = index_image_files(self.img_folder, data["images"], str(ann_file))
+        images, self._orientation = index_image_files(self.img_folder, data["images"], str(ann_file),
+                                                      exif_orientation)
         self.coco = coco_from_dict(clean_annotations({**data, "images": images}, source=str(ann_file)))
         self.ids = sorted(self.coco.imgs.keys())
         self._transforms = transforms

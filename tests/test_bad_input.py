@@ -115,8 +115,10 @@ def test_exif_rotated_jpeg_reads_as_shown_with_its_box(tmp_path, caplog):
     (tmp_path / "img").mkdir()
     _exif_jpeg(tmp_path / "img" / "r.jpg", 6)
     ann_file = _write_coco(tmp_path, [("r.jpg", None, {"width": 64, "height": 80})], [_ann(1, 1, [4, 50, 20, 25])])
+    official = CocoDetection(tmp_path / "img", ann_file)  # official: the stored pixels, EXIF ignored
+    assert official[0][0].size == (80, 64)
     with caplog.at_level(logging.INFO, logger="datasets.coco"):
-        ds = CocoDetection(tmp_path / "img", ann_file)
+        ds = CocoDetection(tmp_path / "img", ann_file, exif_orientation=True)
     image, target = ds[0]
     shown = PIL.ImageOps.exif_transpose(PIL.Image.open(tmp_path / "img" / "r.jpg")).convert("RGB")
     assert image.size == (64, 80) and np.array_equal(np.asarray(image), np.asarray(shown))
@@ -129,7 +131,7 @@ def test_exif_rotated_jpeg_annotated_on_stored_pixels_stays_unrotated(tmp_path, 
     _exif_jpeg(tmp_path / "img" / "r.jpg", 6)
     ann_file = _write_coco(tmp_path, [("r.jpg", None, {"width": 80, "height": 64})], [_ann(1, 1, [50, 4, 25, 20])])
     with caplog.at_level(logging.WARNING, logger="datasets.coco"):
-        ds = CocoDetection(tmp_path / "img", ann_file)
+        ds = CocoDetection(tmp_path / "img", ann_file, exif_orientation=True)
     image, target = ds[0]
     assert image.size == (80, 64) and target["boxes"].tolist() == [[50.0, 4.0, 75.0, 24.0]]
     assert "stored pixels" in caplog.text and "r.jpg" in caplog.text

@@ -149,15 +149,15 @@ def test_cli_exits_with_message_on_nonfinite(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_schedule_wins_unless_asked(tmp_path, caplog):
+def test_command_line_schedule_wins_unless_asked(tmp_path, caplog):
     train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "1", "--lr", "1e-4")))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO):  # official: the command line's lr overrides the checkpoint's
         train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "2", "--lr", "5e-4", "--auto_resume")))
-    assert "the checkpoint's schedule is used" in caplog.text
-    assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    assert "schedule taken from the command line" in caplog.text
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"] == 5e-4
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "3", "--lr", "5e-4", "--auto_resume",
-                                              "--schedule_from_args")))
-    assert "schedule taken from the command line" in caplog.text
+        train_main.main(_args(synthetic_flags(tmp_path, "out", "--epochs", "3", "--lr", "1e-3", "--auto_resume",
+                                              "--schedule_from_checkpoint")))
+    assert "the checkpoint's schedule is used" in caplog.text
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"] == 5e-4
