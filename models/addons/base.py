@@ -136,6 +136,8 @@ class StepContext:
         epoch: current epoch.
         step: global step counter.
         stash: free per-step slot for add-ons to pass things between hooks (e.g. teacher outputs).
+        ema: the EMA copy of the model when EMA is on (``--use_ema`` or an add-on with ``needs_ema``), else
+            None. Never wrapped by DDP, fp32, no gradients; add-ons run it as a teacher in ``before_forward``.
     """
 
     images: Any = None
@@ -143,6 +145,7 @@ class StepContext:
     epoch: int = 0
     step: int = 0
     stash: dict[str, Any] = field(default_factory=dict)
+    ema: nn.Module | None = None
 
 
 class AddOn:
@@ -152,11 +155,13 @@ class AddOn:
         name: registry name, flag prefix and loss suffix.
         order: add-ons are applied in increasing order (fixed, independent of the command line).
         requires: host capabilities the add-on needs (keys of ``CAPABILITIES``).
+        needs_ema: the add-on uses the EMA model (``StepContext.ema``); enabling it switches EMA on.
     """
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100
     requires: ClassVar[frozenset[str]] = frozenset()
+    needs_ema: ClassVar[bool] = False
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
