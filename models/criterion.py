@@ -17,6 +17,7 @@ from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
 from .addons.base import AddOn, Indices, LossGroup, LossSpec, StepContext, loss_key, overrides
+from .matcher import Matched, run_stages, staged, upload
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25,
@@ -39,26 +40,55 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | floa
 
 
 def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
+    """(image, query) of every pair: [N], [N]."""
+    if isinstance(indices, Matched):
+        return indices.batch_idx, indices.src_idx
     batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     src_idx = torch.cat([src for src, _ in indices])
     return batch_idx, src_idx
 
 
-def _last_occurrence(keys: Tensor) -> Tensor:
-    """Positions of the last occurrence of every distinct key, in first-seen-from-the-end order.
+def _matched_targets(targets: Sequence[Mapping[str, Tensor]], indices: Indices, key: str) -> Tensor:
+    """``targets[b][key][j]`` of every pair (b, (i, j)), in pair order."""
+    if isinstance(indices, Matched):
+        return indices.gather(targets, key)
+    return torch.cat([t[key][j] for t, (_, j) in zip(targets, indices)])
+
+
+def _write_last_pairs(target: Tensor, idx: tuple[Tensor, Tensor], values: Tensor) -> Tensor:
+    """``target`` [B, Q] where every query that has pairs takes the value [N] of its LAST pair.
 
     A one-to-many assigner may pair a query with several targets; it orders its pairs so that the one
     whose class the query should learn comes last. Writing only those makes the class target explicit
-    (an indexed write with duplicate indices is undefined on GPU).
+    (an indexed write with duplicate indices is undefined on GPU). Sync-free: the last pair of every query
+    is a scatter-max of pair positions into [B * Q], then one gather (no data-dependent shape).
     """
-    n = keys.numel()
+    n = values.numel()
     if n == 0:
-        return keys
-    flipped = keys.flip(0)
-    uniq, inverse = torch.unique(flipped, return_inverse=True)
-    first = torch.full((uniq.numel(),), n, dtype=torch.int64, device=keys.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(n, device=keys.device), "amin")
-    return n - 1 - first
+        return target
+    keys = (idx[0] * target.shape[1] + idx[1]).to(target.device, non_blocking=True)
+    last = torch.full((target.numel(),), -1, dtype=torch.int64, device=target.device)
+    last = last.scatter_reduce(0, keys, torch.arange(n, device=target.device), "amax")
+    picked = values.to(target.device, non_blocking=True)[last.clamp(min=0)]
+    return torch.where(last >= 0, picked, target.view(-1)).view_as(target)
+
+
+def _giou_with_eps(boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
+    """GIoU of matched xyxy pairs [N, 4] -> [N] with ``eps`` added to the union and the enclosing area (DAB-DETR,
+    DN-DETR: their ``generalized_box_iou``)."""
+    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    union = area1 + area2 - inter
+    wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    area = wh[:, 0] * wh[:, 1]
+    return inter / (union + eps) - (area - union) / (area + eps)
+
+
+def _layers(group: LossGroup) -> list[tuple[int | None, Mapping[str, Any]]]:
+    """(aux layer number or None for the last layer, its outputs): the last layer first, then aux 0, 1, ..."""
+    return [(None, group.outputs)] + list(enumerate(group.outputs.get("aux_outputs", [])))
 
 
 class SetCriterion(nn.Module):
@@ -84,11 +114,16 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: nn.Module, coefs: Mapping[str, float], num_aux_layers: int,
                  two_stage: bool = False, enc_coefs: Mapping[str, float] | None = None, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, addons: Sequence[AddOn] = (), enc_class_agnostic: bool = True) -> None:
+                 focal_gamma: float = 2.0, addons: Sequence[AddOn] = (), enc_class_agnostic: bool = True,
+                 cls_loss: str = "focal", eos_coef: float = 0.1) -> None:
         super().__init__()
+        if cls_loss not in ("focal", "softmax"):
+            raise ValueError(f"cls_loss must be 'focal' or 'softmax', got {cls_loss!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.cls_loss, self.eos_coef = cls_loss, eos_coef
+        self.giou_eps = 0.0  # DAB-/DN-DETR's GIoU adds 1e-6 to the union and the enclosing area (their builders set it)
         self.two_stage = two_stage
         self.enc_class_agnostic = enc_class_agnostic
         self.addons = list(addons)
@@ -107,16 +142,18 @@ class SetCriterion(nn.Module):
         """Sigmoid focal loss over all (``valid``) queries and classes; unmatched queries are background."""
         logits = outputs["pred_logits"].float()
         idx = _src_permutation_idx(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=logits.dtype,
-                             device=logits.device)
+        target_classes_o = _matched_targets(targets, indices, "labels")
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        last = _last_occurrence(idx[0] * logits.shape[1] + idx[1])
-        target_classes[idx[0][last], idx[1][last]] = target_classes_o[last]
-        onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
-        onehot = onehot[:, :, :-1]
-        loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma,
-                                     valid) * logits.shape[1]
+        target_classes = _write_last_pairs(target_classes, idx, target_classes_o)
+        if self.cls_loss == "softmax":
+            loss_ce = self.softmax_loss(logits, target_classes, valid)
+        else:
+            onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=logits.dtype,
+                                 device=logits.device)
+            onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
+            onehot = onehot[:, :, :-1]
+            loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha, self.focal_gamma,
+                                         valid) * logits.shape[1]
         losses = {"loss_ce": loss_ce}
         if log:
             matched = logits[idx]
@@ -127,12 +164,33 @@ class SetCriterion(nn.Module):
             losses["class_error"] = 100 - acc
         return losses
 
+    def softmax_loss(self, logits: Tensor, target_classes: Tensor, valid: Tensor | None = None) -> Tensor:
+        """DETR's classification loss: softmax cross-entropy over K = num_classes + 1 logits (the last one is
+        "no object"), the no-object class weighted by ``eos_coef``, a weighted mean over queries (not / num_boxes).
+
+        logits: [B, Q, K]; target_classes: [B, Q] (num_classes = no object); valid: [B, Q] or None.
+        """
+        if logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"softmax classification needs num_classes + 1 = {self.num_classes + 1} logits (the "
+                             f"last is 'no object'), got {logits.shape[-1]}")
+        weight = torch.ones(self.num_classes + 1, dtype=logits.dtype, device=logits.device)
+        weight[-1] = self.eos_coef
+        if valid is None:
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        per_query = F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="none")
+        w = weight[target_classes] * valid.to(logits.dtype)
+        return (per_query * valid.to(logits.dtype)).sum() / w.sum().clamp(min=torch.finfo(logits.dtype).tiny)
+
     @torch.no_grad()
     def loss_cardinality(self, outputs: Mapping[str, Tensor], targets, indices: Indices,
                          num_boxes: Tensor) -> dict[str, Tensor]:
-        """Logged only (meaningless with sigmoid logits, kept for log compatibility)."""
+        """Predictions whose top logit is not the last one vs. the number of targets (logged only; DETR's: the last
+        logit is "no object" with softmax; meaningless with sigmoid logits, kept for log compatibility)."""
         logits = outputs["pred_logits"]
-        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        if isinstance(indices, Matched):
+            tgt_lengths = indices.lengths
+        else:  # built on the host, then a non-blocking copy (a blocking one syncs)
+            tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets]).to(logits.device, non_blocking=True)
         card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
 
@@ -141,9 +199,13 @@ class SetCriterion(nn.Module):
         """L1 and GIoU of the matched boxes (cxcywh), normalised by num_boxes."""
         idx = _src_permutation_idx(indices)
         src_boxes = outputs["pred_boxes"][idx].float()
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0).float()
+        target_boxes = _matched_targets(targets, indices, "boxes").float()
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
-        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        src_xyxy, target_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)
+        if self.giou_eps:
+            giou = _giou_with_eps(src_xyxy, target_xyxy, self.giou_eps)
+        else:
+            giou = elementwise_generalized_box_iou(src_xyxy, target_xyxy)
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
     # ---------------------------------------------------------------------------------- groups
@@ -172,20 +234,59 @@ class SetCriterion(nn.Module):
     def _num_boxes(self, groups: Sequence[LossGroup], device: torch.device) -> list[Tensor]:
         counts = [float(sum(len(t["labels"]) for t in g.targets)) if g.num_boxes is None else float(g.num_boxes)
                   for g in groups]
-        counts = torch.as_tensor(counts, dtype=torch.float, device=device)
+        # built on the host, then a non-blocking copy (a blocking host-to-device copy syncs)
+        counts = torch.as_tensor(counts, dtype=torch.float).to(device, non_blocking=True)
         if is_dist_avail_and_initialized():
             dist.all_reduce(counts)
         return list(torch.clamp(counts / get_world_size(), min=1).unbind(0))
 
-    def group_losses(self, group: LossGroup, num_boxes: Tensor) -> dict[str, Tensor]:
-        """Losses of one group on its last layer and every aux layer, with generated keys."""
-        layers = [(None, group.outputs)] + list(enumerate(group.outputs.get("aux_outputs", [])))
+    def match(self, groups: Sequence[LossGroup], device: torch.device) -> list[list[Matched]]:
+        """Indices of every group and layer (layers as ``_layers``), as ``Matched`` on ``device``.
+
+        Staged assigners (models/matcher.py: the Hungarian matcher, MS-DETR's) run in lock-step: one
+        device-to-host copy per round for all of them (Hungarian: one round; MS-DETR: two). An assigner
+        without stages is called in its place, after the staged ones before it have finished, so that
+        random draws keep the order of the unbatched loop (group by group, layer by layer).
+        """
+        per_group: list[list[Any]] = [[None] * len(_layers(g)) for g in groups]
+        pending: list[tuple[int, int, Any]] = []
+
+        def flush() -> None:
+            for (gi, li, _), indices in zip(pending, run_stages([st for _, _, st in pending])):
+                per_group[gi][li] = indices
+            pending.clear()
+
+        for gi, group in enumerate(groups):
+            assigner = group.matcher or self.matcher
+            stages = staged(assigner) if group.indices is None else None
+            for li, (_, out) in enumerate(_layers(group)):
+                if group.indices is not None:
+                    per_group[gi][li] = group.indices
+                elif stages is not None:
+                    pending.append((gi, li, stages(out, group.targets)))
+                else:
+                    flush()
+                    per_group[gi][li] = assigner(out, group.targets)
+        flush()
+        return upload([(g.targets, layers) for g, layers in zip(groups, per_group)], device)
+
+    def group_losses(self, group: LossGroup, num_boxes: Tensor,
+                     indices_per_layer: Sequence[Indices] | None = None) -> dict[str, Tensor]:
+        """Losses of one group on its last layer and every aux layer, with generated keys.
+
+        An assigner may also define the classification term of the pairs it assigns: a ``label_loss`` method
+        with ``loss_labels``'s signature and keys replaces the focal loss of its group (OD-DETR's
+        multi-target quality focal loss, models/addons/od_losses.py); fixed ``indices`` keep the focal loss.
+        ``indices_per_layer``: the group's indices from ``match`` (None: matched here).
+        """
         matcher = group.matcher or self.matcher
+        label_loss = getattr(matcher, "label_loss", None) if group.indices is None else None
+        if indices_per_layer is None:
+            indices_per_layer = self.match([group], group.outputs["pred_logits"].device)[0]
         losses: dict[str, Tensor] = {}
-        for layer, out in layers:
-            indices = group.indices if group.indices is not None else matcher(out, group.targets)
-            terms = self.loss_labels(out, group.targets, indices, num_boxes, log=group.log and layer is None,
-                                     valid=group.valid)
+        for (layer, out), indices in zip(_layers(group), indices_per_layer):
+            terms = (label_loss or self.loss_labels)(out, group.targets, indices, num_boxes,
+                                                     log=group.log and layer is None, valid=group.valid)
             terms.update(self.loss_cardinality(out, group.targets, indices, num_boxes))
             terms.update(self.loss_boxes(out, group.targets, indices, num_boxes))
             for name, value in terms.items():
@@ -206,8 +307,9 @@ class SetCriterion(nn.Module):
         groups = [self._assign(g, ctx) for g in groups]
         device = outputs["pred_logits"].device
         losses: dict[str, Tensor] = {}
-        for group, num_boxes in zip(groups, self._num_boxes(groups, device)):
-            losses.update(self.group_losses(group, num_boxes))
+        matched = self.match(groups, device)
+        for group, num_boxes, indices in zip(groups, self._num_boxes(groups, device), matched):
+            losses.update(self.group_losses(group, num_boxes, indices))
         for addon in self.addons:
             if overrides(addon, "extra_losses"):
                 losses.update(addon.extra_losses(outputs, ctx))

@@ -1,8 +1,20 @@
-"""Hungarian matcher between predictions and ground truth (scipy's linear_sum_assignment)."""
+"""Hungarian matcher between predictions and ground truth (scipy's linear_sum_assignment), and the staged
+assigner protocol that lets the criterion match every layer and group with one device-to-host copy.
+
+An assigner is any callable ``(outputs, targets) -> indices``. A *staged* assigner also has
+``stages(outputs, targets)``: a generator that does its device work, yields the list of device tensors it
+needs on the host, receives their host copies (``gen.send``), may yield again (MS-DETR: its random draws need
+sizes read on the host), and finally returns the indices (``StopIteration.value``). ``run_stages`` advances
+many such generators in lock-step, so each round costs ONE device-to-host copy (``to_host``) for all of
+them; calling a staged assigner directly runs it alone. Stages must draw random numbers only after their
+first yield's host copy, in the order the unbatched code draws them: the draws of generators advanced in a
+fixed order then keep their order.
+"""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Callable, Generator, Mapping, Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -10,6 +22,160 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 Indices = list[tuple[Tensor, Tensor]]
+Stages = Generator[list[Tensor], list[Tensor], Indices]
+_ALIGN = 8  # bytes: every tensor starts at a multiple of the largest element size in the packed host buffer
+
+
+def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Host copies of ``tensors`` (any dtypes and shapes, one device) made with ONE device-to-host copy.
+
+    The tensors are packed as bytes into one buffer, copied with one ``.cpu()`` (also on a CPU run, where it
+    is a no-op, so that sync counts on the CPU are those of a GPU), and viewed back with their dtype and shape.
+    An empty list copies nothing.
+    """
+    if not tensors:
+        return []
+    parts, spans = [], []
+    for t in tensors:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % _ALIGN
+        parts.append(raw if not pad else torch.cat([raw, raw.new_zeros(pad)]))
+        spans.append(raw.numel() + pad)
+    host = torch.cat(parts).cpu()
+    out, start = [], 0
+    for t, span in zip(tensors, spans):
+        nbytes = t.numel() * t.element_size()
+        out.append(host[start:start + nbytes].view(t.dtype).view(t.shape))
+        start += span
+    return out
+
+
+def run_stages(stages: Sequence[Stages]) -> list[Indices]:
+    """Run staged assigners in lock-step: per round, each generator (in order) runs to its next yield, then one
+    ``to_host`` serves them all. Returns each generator's indices, in order."""
+    results: list[Indices | None] = [None] * len(stages)
+    replies: dict[int, list[Tensor] | None] = {i: None for i in range(len(stages))}
+    while replies:
+        requests: dict[int, list[Tensor]] = {}
+        for i, reply in replies.items():
+            try:
+                requests[i] = stages[i].send(reply)
+            except StopIteration as done:
+                results[i] = done.value
+        flat = to_host([t for req in requests.values() for t in req])
+        replies, start = {}, 0
+        for i, req in requests.items():
+            replies[i] = flat[start:start + len(req)]
+            start += len(req)
+    return results  # type: ignore[return-value]
+
+
+def staged(assigner: object) -> Callable[..., Stages] | None:
+    """The assigner's ``stages`` method, or None when it has none or when a subclass overrides the call
+    (``forward`` / ``__call__``) below the class that defines ``stages`` (then only the call is trusted)."""
+    fn = getattr(assigner, "stages", None)
+    if fn is None:
+        return None
+    mro = type(assigner).__mro__
+    call = "forward" if isinstance(assigner, nn.Module) else "__call__"
+    depth = {name: next((i for i, c in enumerate(mro) if name in c.__dict__), len(mro)) for name in ("stages", call)}
+    return fn if depth["stages"] <= depth[call] else None
+
+
+class Matched(list):
+    """``Indices`` (per image (query indices, target indices), device views) with the flat device tensors the
+    losses use, so that they need no per-image loop.
+
+    Attributes:
+        batch_idx, src_idx: [N] image and query of every pair (image by image, each in the assigner's order).
+        tgt_idx: [N] target of every pair in the group's targets concatenated over images.
+        lengths: [B] targets per image.
+    """
+
+    def __init__(self, pairs: Indices, rows: Tensor, lengths: Tensor, cache: dict[str, Tensor]) -> None:
+        super().__init__(pairs)
+        self.batch_idx, self.src_idx, _, self.tgt_idx = rows.unbind(0)
+        self.lengths = lengths
+        self._cache = cache  # shared by the layers of one group: its targets concatenated over images, per key
+
+    def gather(self, targets: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
+        """``targets[b][key][j]`` of every pair, in pair order (one gather from the concatenated targets)."""
+        if key not in self._cache:
+            self._cache[key] = torch.cat([t[key] for t in targets])
+        return self._cache[key][self.tgt_idx]
+
+
+def _host_rows(indices: Indices, offsets: np.ndarray) -> np.ndarray:
+    """[4, N] int64: image, query, target (per image), target (concatenated) of every pair; host indices."""
+    src = [s.numpy().astype(np.int64, copy=False) for s, _ in indices]
+    tgt = [t.numpy().astype(np.int64, copy=False) for _, t in indices]
+    batch = np.repeat(np.arange(len(src), dtype=np.int64), [len(x) for x in src])
+    src_all = np.concatenate(src) if src else np.zeros(0, np.int64)
+    tgt_all = np.concatenate(tgt) if tgt else np.zeros(0, np.int64)
+    return np.stack([batch, src_all, tgt_all, tgt_all + offsets[batch]])
+
+
+def _device_rows(indices: Indices, offsets: np.ndarray, device: torch.device) -> Tensor:
+    """``_host_rows`` of indices already on the device (fixed indices: denoising), without a sync."""
+    src = [s.to(device, torch.int64, non_blocking=True) for s, _ in indices]
+    tgt = [t.to(device, torch.int64, non_blocking=True) for _, t in indices]
+    batch = torch.cat([torch.full_like(x, b) for b, x in enumerate(src)])
+    offset = torch.cat([torch.full_like(x, int(o)) for x, o in zip(tgt, offsets)])
+    tgt_all = torch.cat(tgt)
+    return torch.stack([batch, torch.cat(src), tgt_all, tgt_all + offset])
+
+
+def _upload(arrays: Sequence[np.ndarray], device: torch.device) -> list[Tensor]:
+    """Device copies of int64 host arrays with ONE non-blocking host-to-device copy (pinned on a GPU)."""
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    views, start = [], 0
+    for a in arrays:
+        views.append(flat[start:start + a.size].view(a.shape))
+        start += a.size
+    return views
+
+
+def upload(groups: Sequence[tuple[Sequence[Mapping[str, Tensor]], Sequence[Indices]]],
+           device: torch.device) -> list[list[Matched]]:
+    """Every group's and layer's indices as ``Matched`` on ``device``, without a sync: host indices (the
+    assigners') go in one non-blocking copy, device ones are flattened there; the same indices object on
+    several layers (fixed indices) is flattened once.
+
+    Args:
+        groups: per group (its targets, its indices per layer).
+    """
+    arrays: list[np.ndarray] = []
+    plans = []
+    for targets, per_layer in groups:
+        lengths = np.array([len(t["labels"]) for t in targets], dtype=np.int64)
+        offsets = np.cumsum(lengths) - lengths
+        lengths_at = len(arrays)
+        arrays.append(lengths)
+        unique: dict[int, tuple[int, Any, list[int]]] = {}
+        for indices in per_layer:
+            if id(indices) not in unique:
+                if all(s.device.type == "cpu" and t.device.type == "cpu" for s, t in indices):
+                    arrays.append(_host_rows(indices, offsets))
+                    rows: Any = len(arrays) - 1
+                else:
+                    rows = _device_rows(indices, offsets, device)
+                unique[id(indices)] = (len(unique), rows, [len(s) for s, _ in indices])
+        plans.append((lengths_at, list(unique.values()), [unique[id(i)][0] for i in per_layer]))
+    views = _upload(arrays, device) if arrays else []
+    out = []
+    for lengths_at, unique_rows, layer_entry in plans:
+        cache: dict[str, Tensor] = {}
+        built = []
+        for _, rows, sizes in unique_rows:
+            rows = views[rows] if isinstance(rows, int) else rows
+            ends = np.cumsum(sizes).tolist()
+            pairs = [(rows[1, e - n:e], rows[2, e - n:e]) for n, e in zip(sizes, ends)]
+            built.append(Matched(pairs, rows, views[lengths_at], cache))
+        out.append([built[e] for e in layer_entry])
+    return out
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -17,11 +183,18 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
     prob = logits.sigmoid()
     neg = (1 - alpha) * (prob ** gamma) * (-(1 - prob + 1e-8).log())
     pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
-    return pos[:, labels] - neg[:, labels]
+    return pos[..., labels] - neg[..., labels]
+
+
+def softmax_class_cost(logits: Tensor, labels: Tensor) -> Tensor:
+    """DETR's matching cost [Q, G]: minus the softmax probability (over all K logits) of each target's class."""
+    return -logits.softmax(-1)[..., labels]
 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU).
+
+    With ``cls_loss="softmax"`` (DETR) the class cost is ``-softmax(logits)[:, label]`` instead of the focal cost.
 
     Costs are computed per image (no B x B cross terms) and moved to the CPU in one transfer.
     Non-finite costs (a diverged model) are replaced by a large finite value so matching never fails.
@@ -29,25 +202,33 @@ class HungarianMatcher(nn.Module):
     Args:
         cost_class, cost_bbox, cost_giou: weights of the three costs.
         focal_alpha, focal_gamma: focal parameters of the class cost (the official code hard-codes 0.25, 2).
+        cls_loss: "focal" (sigmoid logits) or "softmax" (DETR: the last logit is "no object").
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, cls_loss: str = "focal") -> None:
         super().__init__()
+        if cls_loss not in ("focal", "softmax"):
+            raise ValueError(f"cls_loss must be 'focal' or 'softmax', got {cls_loss!r}")
+        self.cls_loss = cls_loss
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matcher costs can't be 0")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """Cost [Q, G] for one image: logits [Q, K], boxes [Q, 4] cxcywh, targets [G], [G, 4]."""
-        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        cost_class = focal_class_cost(logits, tgt_labels, self.focal_alpha, self.focal_gamma)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        """Cost [..., Q, G]: logits [..., Q, K], boxes [..., Q, 4] cxcywh, targets [G], [G, 4] (one image, or a
+        batch against all its targets; each entry's arithmetic is the same either way)."""
+        cost_bbox = torch.cdist(boxes, tgt_boxes.expand(*boxes.shape[:-2], *tgt_boxes.shape), p=1)
+        if self.cls_loss == "softmax":
+            cost_class = softmax_class_cost(logits, tgt_labels)
+        else:
+            cost_class = focal_class_cost(logits, tgt_labels, self.focal_alpha, self.focal_gamma)
+        # no validity check (it would sync): predictions are sigmoid boxes, targets were checked when loaded
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes), check=False)
         c = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         return c
 
-    @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
         """Match every image.
 
@@ -57,23 +238,52 @@ class HungarianMatcher(nn.Module):
             targets: per image ``labels`` [G_b] and ``boxes`` [G_b, 4] (cxcywh).
 
         Returns:
-            Per image (query indices, target indices), int64, of length min(Q, G_b).
+            Per image (query indices, target indices), int64 host tensors, of length min(Q, G_b).
         """
-        # A diverged step may carry NaNs; matching must still succeed so the step can be skipped cleanly.
-        logits = torch.nan_to_num(outputs["pred_logits"].float())
-        boxes = torch.nan_to_num(outputs["pred_boxes"].float(), nan=0.5)
-        valid = outputs.get("valid")
-        costs = []
-        for b, t in enumerate(targets):
-            if len(t["labels"]) == 0:
-                continue
-            cost = self.cost_matrix(logits[b], boxes[b], t["labels"], t["boxes"].float())
+        return run_stages([self.stages(outputs, targets)])[0]
+
+    def costs(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]],
+              batched: bool | None = None) -> Tensor:
+        """Every image's cost [Q, G_b] (images without targets skipped), flattened and concatenated (device).
+
+        ``batched`` (default: on a GPU): the whole batch at once ([B, Q, sum G_b], a fixed number of kernels
+        whatever B), then its B diagonal blocks gathered with an index built on the host (a non-blocking
+        upload). Every entry's arithmetic is that of the per-image loop, but on the CPU vectorised
+        transcendental functions round differently at the tail of a tensor than inside it, so there the
+        per-image loop is kept (it gives the previous results bitwise; a GPU computes each element alike).
+        """
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            return outputs["pred_logits"].new_empty(0, dtype=torch.float)
+        with torch.no_grad():
+            # A diverged step may carry NaNs; matching must still succeed so the step can be skipped cleanly.
+            logits = torch.nan_to_num(outputs["pred_logits"].float())
+            boxes = torch.nan_to_num(outputs["pred_boxes"].float(), nan=0.5)
+            valid = outputs.get("valid")
+            if not (logits.device.type != "cpu" if batched is None else batched):
+                costs = []
+                for b, t in enumerate(targets):
+                    if sizes[b]:
+                        cost = self.cost_matrix(logits[b], boxes[b], t["labels"], t["boxes"].float())
+                        if valid is not None:
+                            cost = cost.masked_fill(~valid[b, :, None], 1e8)
+                        costs.append(cost.flatten())
+                return torch.cat(costs)
+            labels = torch.cat([t["labels"] for t in targets])
+            cost = self.cost_matrix(logits, boxes, labels, torch.cat([t["boxes"] for t in targets]).float())
             if valid is not None:
-                cost = cost.masked_fill(~valid[b, :, None], 1e8)
-            costs.append(cost.flatten())
-        flat = torch.cat(costs).cpu() if costs else torch.empty(0)
+                cost = cost.masked_fill(~valid[:, :, None], 1e8)
+            q, total = cost.shape[1:]
+            offsets = np.cumsum(sizes) - sizes
+            blocks = [(b * q * total + np.arange(q)[:, None] * total + o + np.arange(g)[None]).ravel()
+                      for b, (o, g) in enumerate(zip(offsets, sizes)) if g]
+            return cost.flatten()[_upload([np.concatenate(blocks)], cost.device)[0]]
+
+    def stages(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Stages:
+        """Staged ``forward`` (module docstring): the costs on the device, one copy, scipy on the host."""
+        (flat,) = yield [self.costs(outputs, targets)]
         flat = torch.nan_to_num(flat, nan=1e8, posinf=1e8, neginf=-1e8)
-        indices, offset, q = [], 0, logits.shape[1]
+        indices, offset, q = [], 0, outputs["pred_logits"].shape[1]
         for t in targets:
             g = len(t["labels"])
             if g == 0:
@@ -87,4 +297,4 @@ class HungarianMatcher(nn.Module):
 
 def build_matcher(args) -> HungarianMatcher:
     return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
-                            cost_giou=args.set_cost_giou, focal_alpha=0.25)
+                            cost_giou=args.set_cost_giou, focal_alpha=0.25, cls_loss=getattr(args, "cls_loss", "focal"))

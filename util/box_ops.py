@@ -21,34 +21,46 @@ def box_xyxy_to_cxcywh(x: Tensor) -> Tensor:
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """Area of [N, 4] xyxy boxes."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """Area of [..., N, 4] xyxy boxes -> [..., N]."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union of xyxy boxes: [N, 4], [M, 4] -> ([N, M], [N, M])."""
+    """Pairwise IoU and union of xyxy boxes: [..., N, 4], [..., M, 4] -> ([..., N, M], [..., N, M]) (leading
+    dimensions broadcast; every pair's arithmetic is that of the 2-D case)."""
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2 - inter
+    union = area1[..., :, None] + area2[..., None, :] - inter
     return inter / union, union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalised IoU (https://giou.stanford.edu/) of xyxy boxes: [N, M], in [-1, 1].
+def check_xyxy(boxes: Tensor, name: str = "boxes") -> None:
+    """Raise ValueError if any xyxy box [..., 4] is degenerate (x1 < x0 or y1 < y0; NaN counts as degenerate).
 
-    Degenerate boxes (x1 < x0 or y1 < y0) would give inf/nan, so they are rejected.
+    Reads a device tensor's values on the host: one host-device synchronisation.
     """
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes1 has x1 < x0 or y1 < y0")
-    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes2 has x1 < x0 or y1 < y0")
+    if not (boxes[..., 2:] >= boxes[..., :2]).all():
+        raise ValueError(f"generalized_box_iou: {name} has x1 < x0 or y1 < y0")
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True) -> Tensor:
+    """Pairwise generalised IoU (https://giou.stanford.edu/) of xyxy boxes: [..., N, 4], [..., M, 4] ->
+    [..., N, M], in [-1, 1] (leading dimensions broadcast).
+
+    Degenerate boxes (x1 < x0 or y1 < y0) would give inf/nan, so they are rejected (``check_xyxy``). The
+    check costs two host-device synchronisations; ``check=False`` skips it for callers whose boxes are
+    valid by construction (the matcher: sigmoid predictions, targets validated when the data is loaded).
+    """
+    if check:
+        check_xyxy(boxes1, "boxes1")
+        check_xyxy(boxes2, "boxes2")
     iou, union = box_iou(boxes1, boxes2)
-    lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    lt = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     area = wh[..., 0] * wh[..., 1]
     return iou - (area - union) / area

@@ -15,13 +15,14 @@ import argparse
 from functools import partial
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 
 from ..deformable_transformer import DeformableTransformerDecoderLayer, _with_pos
-from ..matcher import HungarianMatcher
+from ..matcher import HungarianMatcher, Stages, run_stages
 from ..registry import register_addon
 from .base import AddOn, HostRequest, Indices, LossGroup, LossSpec, StepContext
 
@@ -87,10 +88,14 @@ class AnchorMatcher:
         self.valid_only = valid_only
 
     def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
+        return run_stages([self.stages(outputs, targets)])[0]
+
+    def stages(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Stages:
+        """Staged matching (models/matcher.py): the Hungarian matcher's, on the anchors."""
         anchor_outputs = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["anchors"]}
         if self.valid_only:
             anchor_outputs["valid"] = outputs["anchor_valid"]
-        return self.hungarian(anchor_outputs, targets)
+        return self.hungarian.stages(anchor_outputs, targets)
 
 
 class OneToManyAssigner:
@@ -134,41 +139,69 @@ class OneToManyAssigner:
         iou = box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))[0]
         return (self.iou_weight * iou + self.cls_weight * logits.sigmoid()[:, labels]).T
 
-    def sample_positives(self, positive: Tensor) -> Tensor:
-        """Step 2: the kept positive query indices [P'] from positive [Q] bool; draws two global permutations."""
-        pos_idx = positive.nonzero().squeeze(1)
-        num_neg = positive.numel() - pos_idx.numel()
-        cap = min(pos_idx.numel(), int(positive.numel() * self.positive_fraction))
-        keep = torch.randperm(pos_idx.numel(), device=positive.device)[:cap]
-        torch.randperm(num_neg, device=positive.device)  # the official negatives' draw: only advances the RNG
-        return pos_idx[keep]
-
-    def assign(self, quality: Tensor) -> tuple[Tensor, Tensor]:
-        """(query indices, GT indices) from a quality matrix [G, Q], in the official order (see the class)."""
-        num_gt, num_queries = quality.shape
-        if num_gt == 0:
-            self.sample_positives(torch.zeros(num_queries, dtype=torch.bool, device=quality.device))
-            empty = torch.empty(0, dtype=torch.int64, device=quality.device)
-            return empty, empty
+    def device_part(self, quality: Tensor) -> list[Tensor]:
+        """What the host needs of one image's quality [G, Q] (G > 0), computed on the device without a sync:
+        positive [Q] bool (step 1), the best GT per query [Q], and every GT's k best queries and scores [G, k]
+        (``topk`` row by row over all GTs; the host keeps the rows with c_g > 0)."""
         best_val, best_gt = quality.max(0)
         positive = best_val >= self.threshold
         positive[quality.topk(1, dim=1).indices.flatten()] = True
-        counts = torch.bincount(best_gt[self.sample_positives(positive)], minlength=num_gt)
-        if self.keep_best_query:
-            counts = counts.clamp(min=1)
-        gt_ids = counts.nonzero().squeeze(1)
-        scores, queries = quality[gt_ids].topk(min(self.k, num_queries), dim=1)  # [G', k], best first
-        keep = torch.arange(scores.shape[1], device=quality.device)[None] < counts[gt_ids, None]
-        scores, queries, gt_idx = scores[keep], queries[keep], gt_ids[:, None].expand_as(keep)[keep]
-        order = scores.argsort()
-        return queries[order], gt_idx[order]
+        scores, queries = quality.topk(min(self.k, quality.shape[1]), dim=1)  # [G, k], best first
+        return [positive, best_gt, scores, queries]
 
-    @torch.no_grad()
+    def draw(self, positive: Tensor | None, num_queries: int, device: torch.device) -> Tensor:
+        """Step 2's draws for one image (host ``positive`` [Q] bool; None: an image without GT): the two
+        permutations on the global generator of ``device``. Returns the kept entries of the first [P']."""
+        num_pos = 0 if positive is None else int(positive.numpy().sum())
+        cap = min(num_pos, int(num_queries * self.positive_fraction))
+        keep = torch.randperm(num_pos, device=device)[:cap]
+        torch.randperm(num_queries - num_pos, device=device)  # the official negatives' draw: only advances the RNG
+        return keep
+
+    def finish(self, host: Sequence[Tensor], keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 2-5 on the host (numpy: no device work) from ``device_part``'s host copies and the drawn ``keep``."""
+        positive, best_gt, scores, queries = (t.numpy() for t in host)
+        kept = np.flatnonzero(positive)[keep.numpy()]
+        counts = np.bincount(best_gt[kept], minlength=scores.shape[0])
+        if self.keep_best_query:
+            counts = np.maximum(counts, 1)
+        gt_ids = np.flatnonzero(counts)
+        mask = np.arange(scores.shape[1])[None] < counts[gt_ids, None]
+        gt_idx = np.broadcast_to(gt_ids[:, None], mask.shape)[mask]
+        scores, queries = torch.from_numpy(scores[gt_ids][mask]), torch.from_numpy(queries[gt_ids][mask])
+        order = scores.argsort()  # torch's sort, as the official code (the host's: ties may differ from a GPU's)
+        return queries[order], torch.from_numpy(gt_idx)[order]
+
+    def stages(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Stages:
+        """Staged assignment (models/matcher.py): device parts of every image, one copy; the draws, in the
+        official order (image by image, positives then negatives), one copy of the kept draws; the pairs."""
+        with torch.no_grad():
+            logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+            parts = [self.device_part(self.quality(logits[b], boxes[b], t["labels"], t["boxes"].float()))
+                     if len(t["labels"]) else [] for b, t in enumerate(targets)]
+        host = yield [x for part in parts for x in part]
+        per_image, start = [], 0
+        for part in parts:
+            per_image.append(host[start:start + len(part)])
+            start += len(part)
+        keeps = [self.draw(h[0] if h else None, logits.shape[1], logits.device) for h in per_image]
+        keeps = yield keeps
+        empty = torch.empty(0, dtype=torch.int64)
+        return [self.finish(h, keep) if h else (empty, empty) for h, keep in zip(per_image, keeps)]
+
+    def assign(self, quality: Tensor) -> tuple[Tensor, Tensor]:
+        """(query indices, GT indices) from one image's quality matrix [G, Q], in the official order (see the
+        class); host int64 tensors."""
+        def one() -> Stages:
+            host = yield self.device_part(quality) if quality.shape[0] else []
+            keep = yield [self.draw(host[0] if host else None, quality.shape[1], quality.device)]
+            empty = torch.empty(0, dtype=torch.int64)
+            return self.finish(host, keep[0]) if host else (empty, empty)
+        return run_stages([one()])[0]
+
     def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
-        """Per image (query indices, target indices), int64; a query may appear for several targets."""
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-        return [self.assign(self.quality(logits[b], boxes[b], t["labels"], t["boxes"].float()))
-                for b, t in enumerate(targets)]
+        """Per image (query indices, target indices), int64 host tensors; a query may appear for several targets."""
+        return run_stages([self.stages(outputs, targets)])[0]
 
 
 @register_addon("ms_detr")

@@ -1,0 +1,101 @@
+"""Host-device synchronisations per training step (util/sync_counter.py, tools/count_syncs.py): a step of
+the main models, with and without the add-ons, must not get more syncs than the figures below (README
+"Benchmarks": before this was measured, 56-197 per step)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from models.matcher import HungarianMatcher, run_stages, staged, to_host
+from tools.count_syncs import per_step
+from util.sync_counter import SyncCounter
+
+SMALL = "--enc_layers 1 --dec_layers 2 --hidden_dim 32 --dim_feedforward 64 --num_queries 12 --lr_backbone 0"
+# (flags, syncs per step at most): engine 1 (the losses' .tolist()), matching 1 (one device-to-host copy for
+# every layer and group), denoising 1 (its label-flip nonzero), MS-DETR 1 more (its draws' sizes).
+LIMITS = {
+    "deformable_detr": ("", 2),
+    "two_stage_refine": ("--with_box_refine --two_stage", 2),
+    "two_stage_refine_dn": ("--with_box_refine --two_stage --use_dn", 3),
+    "two_stage_refine_hybrid": ("--with_box_refine --two_stage --num_queries_one2many 24 --k_one2many 6", 2),
+    "two_stage_refine_ms_detr": ("--with_box_refine --two_stage --use_ms_detr --use_aux_ffn", 3),
+    "dab_deformable_detr": ("-m dab_deformable_detr", 2),
+    "dino_cdn": ("-m dino --use_dn --contrastive --dn_number 4", 3),
+}
+SLOW = {"two_stage_refine_dn", "two_stage_refine_hybrid", "two_stage_refine_ms_detr", "dab_deformable_detr",
+        "dino_cdn"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LIMITS])
+def test_syncs_per_step_do_not_grow(name):
+    flags, limit = LIMITS[name]
+    logging.disable(logging.INFO)
+    try:
+        n, four = per_step(f"{SMALL} {flags}", batch_size=2, image_size=64, rebuild=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert n <= limit, f"{name}: {n} syncs per step > {limit}; where (4 steps): {four.by_site()}"
+
+
+def test_counter_counts_reads_and_data_dependent_shapes():
+    x = torch.arange(6.0)
+    with SyncCounter() as syncs:
+        x.sum().item()
+        x[x > 2]
+        x.nonzero()
+        float(x[0])
+        (x * 2).sum()  # not a sync
+    assert syncs.total == 4 and syncs.counts["item"] == 1
+
+
+def _case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    outputs = {"pred_logits": torch.randn(3, 10, 4, generator=g), "pred_boxes": torch.rand(3, 10, 4, generator=g)}
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    return outputs, targets
+
+
+def test_many_matchings_share_one_copy_and_equal_the_single_calls():
+    matcher = HungarianMatcher()
+    cases = [_case(s) for s in range(4)]
+    alone = [matcher(o, t) for o, t in cases]
+    with SyncCounter() as syncs:
+        batched = run_stages([matcher.stages(o, t) for o, t in cases])
+    assert syncs.total == 1  # the one .cpu()
+    for a, b in zip(alone, batched):
+        assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+def test_to_host_keeps_dtypes_shapes_and_bits():
+    tensors = [torch.randn(3, 5), torch.tensor([True, False, True]), torch.arange(7), torch.zeros(0, 4),
+               torch.randn(2, 2).double(), torch.tensor(3, dtype=torch.int32)]
+    with SyncCounter() as syncs:
+        host = to_host(tensors)
+    assert syncs.total == 1
+    for a, b in zip(tensors, host):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_a_subclass_that_overrides_the_call_is_not_staged():
+    class Custom(HungarianMatcher):
+        def forward(self, outputs, targets):
+            return super().forward(outputs, targets)
+
+    assert staged(HungarianMatcher()) is not None and staged(Custom()) is None
+    assert staged(lambda o, t: []) is None
+
+
+def test_batched_costs_equal_the_per_image_loop():
+    """The GPU's batched cost matrix ([B, Q, sum G] then the diagonal blocks) against the per-image loop
+    (the CPU's); equal up to the CPU's rounding of vectorised functions, with and without ``valid``."""
+    matcher = HungarianMatcher()
+    for seed in range(3):
+        outputs, targets = _case(seed)
+        outputs["valid"] = torch.rand(3, 10, generator=torch.Generator().manual_seed(seed)) > 0.3
+        for out in (outputs, {k: v for k, v in outputs.items() if k != "valid"}):
+            per_image, batched = matcher.costs(out, targets), matcher.costs(out, targets, batched=True)
+            assert per_image.shape == batched.shape and torch.allclose(per_image, batched, rtol=1e-6, atol=1e-6)

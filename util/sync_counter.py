@@ -1,0 +1,133 @@
+"""Count host-device synchronisations of a piece of code, on any device (CPU included).
+
+On a GPU every operation below waits for the device (the host needs a value or a data-dependent shape); on
+the CPU nothing waits, but the calls are the same, so counting them here tells what a GPU step would pay:
+
+    with SyncCounter() as syncs:
+        train_step()
+    print(syncs.total, syncs.by_site())
+
+Counted: ``.item()``, ``.tolist()``, ``.cpu()`` / ``.to("cpu")``, ``bool()`` / ``int()`` / ``float()`` of a tensor,
+``.to()`` / ``.copy_()`` across devices, ``nonzero`` / ``argwhere`` / ``unique`` / ``masked_select`` /
+``repeat_interleave`` with tensor repeats (data-dependent shapes), and indexing or assignment with a boolean mask;
+a host-to-device ``.to()`` / ``.copy_()`` with ``non_blocking=True`` is not a sync (it does not wait for the
+device). ``.numpy()`` is not counted: it needs a host tensor, so the copy that made one was counted already. On the
+CPU every tensor is a host tensor, so an operation on data that would already be on the host of a GPU run (say
+``int()`` of an index scipy returned) is counted too: the figures are an upper bound of the GPU's. Blind spot:
+host-to-device copies do not exist on the CPU, so the blocking ones a GPU pays (``torch.tensor(list,
+device=cuda)``, indexing a device tensor with a host index tensor: both wait for the device) are not counted;
+tensors made from host data with an explicit ``device=`` are listed apart (``SyncCounter.uploads``) as candidates.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_ALWAYS = {"item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
+           "unique", "unique_consecutive", "masked_select", "nonzero_static"}
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+def _has_bool_mask(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
+
+
+def _is_upload(name: str, args: tuple, kwargs: dict) -> bool:
+    """A tensor made from host data (lists, numbers, arrays) with an explicit ``device=``: on a GPU a blocking
+    host-to-device copy, which waits for the device like a sync; on the CPU it is not one, so these are only
+    listed (``SyncCounter.uploads``), not counted in ``total``."""
+    return (name in ("tensor", "as_tensor") and kwargs.get("device") is not None and bool(args)
+            and not torch.is_tensor(args[0]))
+
+
+def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
+    if name in _ALWAYS:
+        return True
+    if name in ("__getitem__", "__setitem__", "index_put_", "index_put") and len(args) > 1:
+        return _has_bool_mask(args[1])
+    if name in ("to", "copy_") and args and torch.is_tensor(args[0]):
+        non_blocking = bool(kwargs.get("non_blocking")) or any(a is True for a in args[2:])
+        if name == "copy_":  # dst.copy_(src): a non-blocking host-to-device copy does not wait for the device
+            if len(args) < 2 or not torch.is_tensor(args[1]):
+                return False
+            src = args[1].device.type
+            return src != args[0].device.type and not (non_blocking and src == "cpu")
+        target = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
+        src = args[0].device.type
+        return any(torch.device(t).type != src for t in target) and not (non_blocking and src == "cpu")
+    if name == "repeat_interleave":
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return torch.is_tensor(repeats)
+    return False
+
+
+_TORCH = Path(torch.__file__).resolve().parent
+_DISPATCH = {"overrides.py", "_tensor.py", "functional.py", "sync_counter.py"}  # wrappers, not callers
+_SYNC_FREE_ON_GPU = ("optim", "nn/utils", "amp", "autograd")  # torch code whose host paths are CPU-only
+
+
+def _called_by_torch() -> bool:
+    """Whether the call comes from torch's own Python code (optimizers, clip_grad_norm_, ...).
+
+    Those are sync-free on a GPU by design (foreach kernels, host-side step counters) but take host paths on
+    the CPU, so they are not counted.
+    """
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if not (path.name in _DISPATCH and (_TORCH in path.parents or path.parent == ROOT / "util")):
+            return any(_TORCH / part in path.parents for part in _SYNC_FREE_ON_GPU)
+        frame = frame.f_back
+    return False
+
+
+class SyncCounter(TorchFunctionMode):
+    """A torch-function mode that counts synchronising calls and where they come from.
+
+    Attributes:
+        total: number of synchronising calls.
+        counts: per operation name.
+        sites: per (file:line of the innermost frame inside this repository, operation).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.sites: collections.Counter[str] = collections.Counter()
+        self.uploads: collections.Counter[str] = collections.Counter()  # per site: see _is_upload
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _name(func)
+        if _is_sync(name, args, kwargs) and not _called_by_torch():
+            self.total += 1
+            self.counts[name] += 1
+            self.sites[f"{self._site()} {name}"] += 1
+        elif _is_upload(name, args, kwargs) and not _called_by_torch():
+            self.uploads[f"{self._site()} {name}"] += 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _site() -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            path = Path(frame.filename)
+            if ROOT in path.parents and path.name != "sync_counter.py":
+                return f"{path.relative_to(ROOT)}:{frame.lineno}"
+        return "<outside the repository>"
+
+    def by_site(self) -> list[tuple[str, int]]:
+        """(site and operation, count), most frequent first."""
+        return self.sites.most_common()
