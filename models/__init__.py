@@ -8,7 +8,15 @@ from torch import nn
 
 from util.validation import validate_args
 
-from . import dab_deformable_detr, deformable_detr, dino  # noqa: F401  (register the models)
+from . import (  # noqa: F401  (register the models)
+    conditional_detr,
+    dab_deformable_detr,
+    dab_detr,
+    deformable_detr,
+    detr,
+    dino,
+    yolos,
+)
 from .registry import ADDONS, MODELS, register_addon, register_model  # noqa: F401
 
 # Class logits when --num_classes is not given and no annotation file was read (main.py reads the file):

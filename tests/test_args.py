@@ -34,8 +34,26 @@ EXPECTED = {
              "dec_pred_class_embed_share": True, "dec_pred_bbox_embed_share": True, "two_stage": True,
              "with_box_refine": True, "mixed_selection": True, "look_forward_twice": True,
              "num_feature_levels": 4, "bbox_loss_coef": 5, "giou_loss_coef": 2, "batch_size": 2},
+    "detr": {"lr": 1e-4, "lr_backbone": 1e-5, "epochs": 300, "lr_drop": 200, "num_queries": 100,
+             "dim_feedforward": 2048, "dropout": 0.1, "cls_loss_coef": 1.0, "cls_loss": "softmax", "eos_coef": 0.1,
+             "set_cost_class": 1.0, "num_feature_levels": 1, "pre_norm": False, "clip_max_norm": 0.1},
+    "yolos": {"lr": 1e-4, "epochs": 150, "lr_drop": 100, "num_queries": 100, "cls_loss": "softmax",
+              "eos_coef": 0.1, "cls_loss_coef": 1.0, "set_cost_class": 1.0, "drop_path_rate": 0.0,
+              "aux_loss": False},
+    "conditional_detr": {"lr": 1e-4, "lr_backbone": 1e-5, "lr_linear_proj_mult": 1.0, "epochs": 50, "lr_drop": 40,
+                         "num_queries": 300, "dim_feedforward": 2048, "dropout": 0.1, "cls_loss_coef": 2,
+                         "cls_loss": "focal", "num_feature_levels": 1, "topk": 100},
+    "dab_detr": {"lr": 1e-4, "lr_backbone": 1e-5, "epochs": 300, "lr_drop": 200, "num_queries": 300,
+                 "dim_feedforward": 2048, "dropout": 0.0, "cls_loss_coef": 1.0, "transformer_activation": "prelu",
+                 "num_select": 300, "pe_temperatureH": 20.0, "pe_temperatureW": 20.0, "num_feature_levels": 1},
+    "dn_dab_detr": {"lr": 1e-4, "lr_backbone": 1e-5, "epochs": 50, "lr_drop": 40, "dropout": 0.0,
+                    "cls_loss_coef": 1.0, "transformer_activation": "prelu", "scalar": 5, "label_noise_scale": 0.2,
+                    "box_noise_scale": 0.4, "num_feature_levels": 1, "use_dn": False},
 }
 SOURCES = {"deformable_detr": "fundamentalvision/Deformable-DETR main.py",
+           "detr": "facebookresearch/detr main.py", "yolos": "hustvl/YOLOS main.py",
+           "conditional_detr": "Atten4Vis/ConditionalDETR main.py", "dab_detr": "IDEA-Research/DAB-DETR main.py",
+           "dn_dab_detr": "IDEA-Research/DN-DETR main.py",
            "dab_deformable_detr": "IDEA-Research/DAB-DETR main.py",
            "dn_dab_deformable_detr": "IDEA-Research/DN-DETR main.py",
            "dino": "IDEA-Research/DINO config/DINO/DINO_4scale.py"}
@@ -70,6 +88,8 @@ def test_defaults_have_the_flag_type(name):
         action = actions[dest]
         if action.type is not None:
             assert isinstance(value, action.type), dest
+        elif action.choices is not None:
+            assert value in action.choices, dest
         else:
             assert isinstance(value, bool), dest
 

@@ -33,7 +33,9 @@ def test_build_model_on_bare_parsed_flags(name):
     args = main.get_args_parser().parse_args(["-m", name])
     assert args.num_classes is None
     model, criterion, post = build_model(args)
-    assert model.transformer.d_model == 256 and criterion.num_classes == 91  # COCO's official 91 logits
+    # COCO's official 91 logits; YOLOS is a plain ViT (DeiT-Ti: 192 wide) without a separate transformer
+    width = model.backbone.embed_dim if name == "yolos" else model.transformer.d_model
+    assert width == (192 if name == "yolos" else 256) and criterion.num_classes == 91
     synthetic = main.get_args_parser().parse_args(["-m", name, "--dataset_file", "synthetic", "--hidden_dim", "32",
                                                    "--nheads", "4", "--backbone", "resnet18"])
     assert build_model(synthetic)[1].num_classes == 6

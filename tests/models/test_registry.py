@@ -27,9 +27,26 @@ MODEL_VARIANTS = {
     "dn_dab_deformable_detr": {"dn": ["--use_dn", "--transformer_activation", "relu"]},
     "dino": {"plain": [], "no_aux": ["--no_aux_loss"],
              "cdn": ["--use_dn", "--contrastive", "--dn_box_noise_scale", "1.0"], "dn": ["--use_dn"]},
+    "conditional_detr": {"plain": [], "hybrid": ["--num_queries_one2many", "6"],
+                         "dc5_learned_pos": ["--dilation", "--position_embedding", "learned",
+                                             "--backbone", "resnet50"]},
+    "dab_detr": {"plain": [], "dn": ["--use_dn"], "hybrid": ["--num_queries_one2many", "6"],
+                 "fixxy_no_aux": ["--random_refpoints_xy", "--no_aux_loss"]},
+    "dn_dab_detr": {"plain": [], "dn": ["--use_dn"]},
+    "detr": {"plain": [], "pre_norm": ["--pre_norm"], "hybrid": ["--num_queries_one2many", "6"]},
+    "yolos": {"plain": ["--init_pe_size", "64", "64"]},
 }
+# Official: DETR's queries start with zero content, so the first decoder layer's self-attention sees equal values
+# everywhere (the query/key part of its input projection gets a float-noise zero gradient) and, with --pre_norm, its
+# first LayerNorm normalises zeros (its weight gets an exactly zero gradient).
+ZERO_GRAD_OK = {"detr": {"transformer.decoder.layers.0.self_attn.in_proj_weight",
+                         "transformer.decoder.layers.0.norm1.weight"}}
 VARIANTS_DEFORMABLE_DN = {"dn_refine_two_stage": ["--with_box_refine", "--two_stage", "--use_dn"],
                           "cdn_plusplus": VARIANTS["plusplus"] + ["--use_dn", "--contrastive"]}
+# Official: the first decoder layer's queries start with zero content (Conditional-DETR, DAB-DETR without
+# denoising), so that layer's content projections get an exactly zero gradient (they stay in the state dict).
+ZERO_FIRST_CONTENT = {"conditional_detr", "dab_detr"}
+ZERO_FIRST_CONTENT_PARAMS = {f"transformer.decoder.layers.0.sa_{p}_proj.weight" for p in ("qcontent", "kcontent", "v")}
 CASES = [(name, variant, flags) for name in sorted(MODELS.names())
          for variant, flags in sorted(MODEL_VARIANTS.get(name, {**VARIANTS, **VARIANTS_DEFORMABLE_DN}).items())]
 
@@ -61,7 +78,7 @@ def test_builds_contract_and_gradients(name, variant, flags, batch):
     providers = _query_providers(criterion.addons, StepContext(targets=targets))
     out = model(nested_tensor_from_tensor_list(images), providers=providers)
     b, q = 2, args.num_queries
-    assert out["pred_logits"].shape == (b, q, args.num_classes)
+    assert out["pred_logits"].shape == (b, q, args.num_classes + (args.cls_loss == "softmax"))
     assert out["pred_boxes"].shape == (b, q, 4)
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
     assert len(out.get("aux_outputs", [])) == (args.dec_layers - 1 if args.aux_loss else 0)
@@ -69,9 +86,14 @@ def test_builds_contract_and_gradients(name, variant, flags, batch):
     losses = criterion(out, targets)
     criterion.total_loss(losses).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    if name in ZERO_FIRST_CONTENT and "--use_dn" not in flags:
+        no_grad = [n for n in no_grad if n not in ZERO_FIRST_CONTENT_PARAMS]
+    no_grad = [n for n in no_grad if n not in ZERO_GRAD_OK.get(name, ())]
     assert not no_grad, f"parameters without gradient: {no_grad}"
     res = post["bbox"](out, torch.tensor([[64, 64], [48, 56]]))
-    assert res[0]["boxes"].shape == (min(args.topk, q * args.num_classes), 4)
+    # softmax models (DETR, YOLOS): one detection per query; sigmoid models: the top-k over queries x classes
+    expected = q if args.cls_loss == "softmax" else min(args.topk, q * args.num_classes)
+    assert res[0]["boxes"].shape == (expected, 4)
 
 
 def test_frozen_layers_follow_official():

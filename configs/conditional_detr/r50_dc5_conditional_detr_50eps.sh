@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Conditional-DETR DC5-R50, 50 epochs (scripts/conddetr_r50dc5_epoch50.sh: 1 image x 8 GPUs); 43.7 AP reported
+set -x
+
+EXP_DIR=exps/conditional_detr/r50_dc5
+PY_ARGS=${@:1}
+
+python -u main.py \
+    --output_dir ${EXP_DIR} \
+    -m conditional_detr \
+    --dilation \
+    --batch_size 1 \
+    ${PY_ARGS}
