@@ -12,6 +12,7 @@ from torch import nn
 from datasets import label_category_ids
 from datasets.coco_eval import CocoEvaluator, labels_to_category_ids
 from models.addons import AddOn, StepContext, overrides, query_providers
+from util.ema import ModelEMA
 from util.logger import MetricLogger, SmoothedValue, write_scalars
 from util.misc import reduce_dict
 
@@ -42,11 +43,17 @@ def _query_providers(addons: Sequence[AddOn], ctx: StepContext) -> list:
     return query_providers(addons, ctx)
 
 
+def _log_grad_norm(metric_logger: MetricLogger, tb_writer: Any, step: int, value: float) -> None:
+    metric_logger.update(grad_norm=value)
+    if tb_writer is not None:
+        write_scalars(tb_writer, "iter", {"grad_norm": value}, step)
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, max_norm: float = 0.0, *, addons: Sequence[AddOn] = (),
                     scaler: torch.amp.GradScaler | None = None, amp: bool = False, amp_dtype: str = "bf16",
                     print_freq: int = 10, max_iters: int = 0, max_nonfinite_steps: int = 10,
-                    global_step: int = 0, tb_writer: Any = None) -> dict[str, float]:
+                    global_step: int = 0, tb_writer: Any = None, ema: ModelEMA | None = None) -> dict[str, float]:
     """Train for one epoch.
 
     A step whose (all-reduced) loss is not finite is skipped and logged with the offending terms;
@@ -54,6 +61,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     Every ``print_freq`` iterations one short progress line is logged (util/logger.py ``MetricLogger.summary``);
     ``tb_writer`` (a TensorBoard SummaryWriter, rank 0 only) gets ``iter/loss``, ``iter/lr``, ``iter/grad_norm``
     and every weighted term as ``iter_terms/<key>`` at each step.
+
+    With ``ema`` (util/ema.py), every step's ``StepContext.ema`` is the EMA model and each optimizer step is
+    followed by ``ema.update(model)``, then the add-ons' ``after_step``; a skipped step (non-finite loss, or
+    an fp16 step the GradScaler skipped for inf/NaN gradients) leaves the EMA as it is.
 
     Returns:
         Global averages of every logged meter (``loss``, weighted ``loss_*``, ``*_unscaled``, ``lr``,
@@ -68,12 +79,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     total = len(data_loader) if not max_iters else min(max_iters, len(data_loader))
     weight_dict = criterion.weight_dict
     nonfinite_in_a_row, nonfinite_total = 0, 0
+    # fp16 with EMA: a step the GradScaler skipped lowers its scale (one read of the scale per step).
+    scale = scaler.get_scale() if scaler is not None and ema is not None else 0.0
+    # A step's grad norm is read with the next step's losses (one sync per step), or at once on a step that
+    # prints a progress line; (step, norm) not yet read:
+    unread_norm: tuple[int, torch.Tensor] | None = None
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]",
                                                                    total)):
         if max_iters and i >= max_iters:
             break
         samples, targets = to_device(samples, targets, device)
-        ctx = StepContext(images=samples, targets=targets, epoch=epoch, step=global_step + i)
+        ctx = StepContext(images=samples, targets=targets, epoch=epoch, step=global_step + i,
+                          ema=None if ema is None else ema.module)
         with autocast(device, amp, amp_dtype):
             # The official calling convention: in training mode the model runs the query groups of the
             # add-ons it was built with (denoising needs the targets), and the criterion their losses.
@@ -87,7 +104,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
         scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
         names = sorted(reduced)
-        values = torch.stack([sum(scaled.values())] + [reduced[k] for k in names]).tolist()  # one sync
+        norm = [] if unread_norm is None else [unread_norm[1].detach().float().reshape(()).to(device,
+                                                                                             non_blocking=True)]
+        values = torch.stack([sum(scaled.values())] + [reduced[k] for k in names] + norm).tolist()  # one sync
+        if unread_norm is not None:
+            _log_grad_norm(metric_logger, tb_writer, unread_norm[0], values.pop())
+            unread_norm = None
         loss_value, logged = values[0], dict(zip(names, values[1:]))
 
         if not math.isfinite(loss_value):
@@ -112,11 +134,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             losses.backward()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        stepped = True
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                new_scale = scaler.get_scale()
+                stepped, scale = new_scale >= scale, new_scale
         else:
             optimizer.step()
+        if ema is not None and stepped:
+            ema.update(model)
         for addon in addons:
             addon.after_step(model, ctx)
 
@@ -124,12 +152,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         metric_logger.update(loss=loss_value, **weighted, **{f"{k}_unscaled": v for k, v in logged.items()})
         if "class_error" in logged:
             metric_logger.update(class_error=logged["class_error"])
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if i % print_freq == 0 or i == total - 1:  # this step prints its grad norm (util/logger.py log_every)
+            _log_grad_norm(metric_logger, tb_writer, global_step + i, float(grad_norm))
+        else:
+            unread_norm = (global_step + i, grad_norm)
         if tb_writer is not None:
             step = global_step + i
-            write_scalars(tb_writer, "iter", {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                                              "grad_norm": float(grad_norm)}, step)
+            write_scalars(tb_writer, "iter", {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}, step)
             write_scalars(tb_writer, "iter_terms", weighted, step)
+    if unread_norm is not None:
+        _log_grad_norm(metric_logger, tb_writer, unread_norm[0], float(unread_norm[1]))
     metric_logger.synchronize_between_processes()
     logger.info("Averaged stats: %s", metric_logger.summary(averaged=True))
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}

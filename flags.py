@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from models.registry import ADDONS, MODELS, model_defaults
+from util.ema import add_args as add_ema_args
 from util.errors import FlagError  # noqa: F401  (re-exported: raised by validate_args)
 from util.validation import flag_problems, validate_args  # noqa: F401  (re-exported)
 
@@ -66,6 +67,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden_dim", default=256, type=int)
     g.add_argument("--dropout", default=0.1, type=float)
     g.add_argument("--nheads", default=8, type=int)
+    g.add_argument("--pre_norm", action="store_true", help="DETR: pre-norm transformer layers (default post-norm)")
     g.add_argument("--num_queries", "--num_queries_one2one", dest="num_queries", default=300, type=int)
     g.add_argument("--dec_n_points", default=4, type=int)
     g.add_argument("--enc_n_points", default=4, type=int)
@@ -92,6 +94,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bbox_loss_coef", default=5, type=float)
     g.add_argument("--giou_loss_coef", default=2, type=float)
     g.add_argument("--focal_alpha", default=0.25, type=float)
+    g.add_argument("--cls_loss", default="focal", choices=("focal", "softmax"),
+                   help="classification loss and matching cost: sigmoid focal (Deformable-DETR and later) or DETR's "
+                        "softmax cross-entropy with a 'no object' logit (detr, yolos)")
+    g.add_argument("--eos_coef", default=0.1, type=float,
+                   help="--cls_loss softmax: relative weight of the 'no object' class (DETR)")
     for term, main in (("cls", "--cls_loss_coef"), ("bbox", "--bbox_loss_coef"), ("giou", "--giou_loss_coef")):
         g.add_argument(f"--enc_{term}_loss_coef", default=None, type=float,
                        help=f"encoder-proposal loss (MS-DETR's flag); default: the value of {main}")
@@ -213,6 +220,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_training_args(p)
     add_model_args(p)
     add_run_args(p)
+    add_ema_args(p)
     if hasattr(datasets, "add_args"):
         datasets.add_args(p)
     seen = set()

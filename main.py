@@ -13,12 +13,12 @@ import datetime
 import errno
 import json
 import logging
-import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,15 +37,18 @@ from util.checkpoint import (
     DiskFullError,
     find_start_checkpoint,
     flag_differences,
-    link_atomic,
     load_fitting_weights,
     optimizer_mismatch,
-    rng_state,
+    read_log,  # noqa: F401  (main.read_log: scripts and tests)
+    reconcile_log,
     save_atomic,
+    save_checkpoints,
     set_rng_state,
 )
+from util.ema import load_ema_weights, start_ema
+from util.instability import InstabilityProbe
 from util.logger import check_tensorboard, describe_run, open_tensorboard, save_args, setup_logging, write_epoch
-from util.misc import all_gather_object, collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.misc import collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.validation import validate_run
 
 logger = logging.getLogger("detr")
@@ -62,14 +65,23 @@ def match_name_keywords(name: str, keywords: list[str]) -> bool:
 
 
 def param_groups(model: torch.nn.Module, args: Any) -> list[dict]:
-    """The official three groups: default lr, backbone lr, linear-projection lr (lr * mult)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """The official three groups: default lr, backbone lr, linear-projection lr (lr * mult).
+
+    A model with ``no_weight_decay_names()`` (YOLOS) gets a fourth group: those parameters at lr without weight
+    decay, as its official optimizer.
+    """
+    no_decay = model.no_weight_decay_names() if hasattr(model, "no_weight_decay_names") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in no_decay]
     backbone = [p for n, p in named if match_name_keywords(n, args.lr_backbone_names)]
     proj = [p for n, p in named if match_name_keywords(n, args.lr_linear_proj_names)]
     rest = [p for n, p in named if not match_name_keywords(n, args.lr_backbone_names)
             and not match_name_keywords(n, args.lr_linear_proj_names)]
-    return [{"params": rest, "lr": args.lr}, {"params": backbone, "lr": args.lr_backbone},
-            {"params": proj, "lr": args.lr * args.lr_linear_proj_mult}]
+    groups = [{"params": rest, "lr": args.lr}, {"params": backbone, "lr": args.lr_backbone},
+              {"params": proj, "lr": args.lr * args.lr_linear_proj_mult}]
+    if no_decay:
+        groups.append({"params": [p for n, p in model.named_parameters() if p.requires_grad and n in no_decay],
+                       "lr": args.lr, "weight_decay": 0.0})
+    return groups
 
 
 def build_loaders(args: Any, dataset_train: Any, dataset_val: Any) -> tuple[DataLoader | None, DataLoader, Any]:
@@ -198,68 +210,25 @@ def resume(args: Any, ckpt: dict | None, source: str, model: torch.nn.Module, op
     return ckpt
 
 
-def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
-                     scaler: Any, addons: list, train_stats: dict) -> None:
-    """checkpoint.pth every epoch; checkpoint{epoch:04}.pth before each lr drop, every --save_every, and last.
+def evaluate_models(run_eval: Callable[[torch.nn.Module], tuple[dict, Any]], models: dict[str, Any],
+                    files: dict[str, Path | None]) -> dict[str, Any]:
+    """Evaluate each model of ``models`` (prefix -> model or None) with ``run_eval``.
 
-    The numbered file is a hard link to checkpoint.pth (the bytes are written once; save_atomic replaces
-    checkpoint.pth by a rename later, never in place). A full disk raises DiskFullError, the previous files kept.
+    Returns:
+        every statistic as ``{prefix}_{name}`` (``test_*`` for the model, ``test_ema_*`` for the EMA); rank 0 also
+        saves each evaluator's COCOeval arrays to ``files[prefix]`` when given.
     """
-    rngs = all_gather_object(rng_state())  # every rank's RNG, for exact resume
-    if not is_main_process() or not args.output_dir:
-        return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args), "rng": rngs,
-             "train_stats": train_stats}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    for addon in addons:
-        state[f"addons/{addon.name}"] = addon.state_dict()
-    out = Path(args.output_dir)
-    save_atomic(state, out / "checkpoint.pth")
-    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-        link_atomic(out / "checkpoint.pth", out / f"checkpoint{epoch:04}.pth")
-
-
-def read_log(output_dir: str) -> list[dict]:
-    path = Path(output_dir) / "log.txt"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def write_log(output_dir: str, entries: list[dict]) -> None:
-    """Rewrite log.txt atomically (used when resume has to drop or add an epoch's line)."""
-    path = Path(output_dir) / "log.txt"
-    tmp = path.with_name("log.txt.tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    os.replace(tmp, path)
-
-
-def reconcile_log(args: Any, ckpt: dict, evaluate_fn: Any) -> None:
-    """Make log.txt end at the resumed checkpoint's epoch.
-
-    Lines of later epochs (a newer checkpoint was corrupt) are dropped; if the run died between writing
-    the checkpoint and its log line, the line is rebuilt from the checkpoint's train stats and an
-    evaluation of the resumed weights (on every rank: evaluation is collective).
-    """
-    if not args.output_dir:
-        return
-    epoch = ckpt["epoch"]
-    kept, missing = [], False
-    if is_main_process():
-        entries = read_log(args.output_dir)
-        kept = [e for e in entries if e.get("epoch", -1) <= epoch]
-        missing = "train_stats" in ckpt and not (kept and kept[-1].get("epoch") == epoch)
-        if len(kept) != len(entries):
-            logger.warning("resume: dropping log.txt lines after epoch %d", epoch)
-            write_log(args.output_dir, kept)
-    if not all_gather_object(missing)[0]:
-        return
-    logger.warning("resume: log.txt has no line for epoch %d; evaluating the checkpoint to write it", epoch)
-    test_stats = evaluate_fn()
-    if is_main_process():
-        entry = {**{f"train_{k}": v for k, v in ckpt["train_stats"].items()}, "epoch": epoch}
-        entry.update({f"test_{k}": v for k, v in test_stats.items()})
-        write_log(args.output_dir, kept + [entry])
+    stats: dict[str, Any] = {}
+    for prefix, net in models.items():
+        if net is None:
+            continue
+        test_stats, coco_evaluator = run_eval(net)
+        stats.update({f"{prefix}_{k}": v for k, v in test_stats.items()})
+        path = files.get(prefix)
+        if path is not None and is_main_process():
+            path.parent.mkdir(exist_ok=True)
+            save_atomic(coco_evaluator.coco_eval["bbox"].eval, path)
+    return stats
 
 
 def check_device(args: Any) -> None:
@@ -364,18 +333,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     addons = criterion.addons
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     ckpt = resume(args, start_ckpt, start_source, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+    # The EMA follows the model and its add-ons as resumed (never wrapped by DDP); the probe draws no RNG.
+    ema = start_ema(args, model_without_ddp, start_ckpt, start_source, restored=ckpt is not None)
+    probe = InstabilityProbe.from_args(args, dataset_train, criterion.matcher, device)
+    if probe is not None and ckpt is not None and "instability" in ckpt:
+        probe.load_state_dict(ckpt["instability"])
+    if args.eval and args.eval_ema:
+        load_ema_weights(model_without_ddp, start_ckpt, start_source)
     del start_ckpt
-    eval_kwargs = {"amp": args.amp, "amp_dtype": args.amp_dtype, "print_freq": args.print_freq}
+    run_eval = partial(evaluate, criterion=criterion, postprocessors=postprocessors, data_loader=loader_val,
+                       base_ds=base_ds, device=device, amp=args.amp, amp_dtype=args.amp_dtype,
+                       print_freq=args.print_freq)
+    ema_model = None if ema is None else ema.module
     if ckpt is not None:
-        reconcile_log(args, ckpt, lambda: evaluate(evaluation_model(model, addons), criterion, postprocessors,
-                                                   loader_val, base_ds, device, **eval_kwargs)[0])
+        reconcile_log(args, ckpt, lambda: evaluate_models(run_eval, {"test": evaluation_model(model, addons),
+                                                                     "test_ema": ema_model}, {}))
         del ckpt
-    if args.eval:
-        test_stats, coco_evaluator = evaluate(evaluation_model(model, addons), criterion, postprocessors,
-                                              loader_val, base_ds, device, **eval_kwargs)
-        if args.output_dir and is_main_process():
-            save_atomic(coco_evaluator.coco_eval["bbox"].eval, Path(args.output_dir) / "eval.pth")
-        return {f"test_{k}": v for k, v in test_stats.items()}
+    if args.eval:  # --eval_ema: the model holds the EMA weights
+        prefix = "test_ema" if args.eval_ema else "test"
+        return evaluate_models(run_eval, {prefix: model if args.eval_ema else evaluation_model(model, addons)},
+                               {prefix: Path(args.output_dir) / "eval.pth" if args.output_dir else None})
 
     if args.start_epoch >= args.epochs:
         logger.warning("nothing to train: the run starts at epoch %d and --epochs is %d (a finished run: raise "
@@ -391,18 +368,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm, addons=addons,
             scaler=scaler, amp=args.amp, amp_dtype=args.amp_dtype, print_freq=args.print_freq,
             max_iters=args.max_iters_per_epoch, max_nonfinite_steps=args.max_nonfinite_steps,
-            global_step=epoch * len(loader_train), tb_writer=tb_writer)
+            global_step=epoch * len(loader_train), tb_writer=tb_writer, ema=ema)
         lr_scheduler.step()
-        save_checkpoints(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, addons, train_stats)
+        # Before the checkpoint: it keeps this epoch's assignments (the next epoch compares with them).
+        instability = {} if probe is None else probe.step({"instability": model_without_ddp,
+                                                           "instability_ema": ema_model})
+        extra = {**({} if ema is None else ema.state_dict()),
+                 **({} if probe is None else {"instability": probe.state_dict()})}
+        save_checkpoints(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, addons, train_stats,
+                         extra)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "n_parameters": n_parameters}
+                     "n_parameters": n_parameters, **instability}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test_stats, coco_evaluator = evaluate(evaluation_model(model, addons), criterion, postprocessors,
-                                                  loader_val, base_ds, device, **eval_kwargs)
-            log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
-            if args.output_dir and is_main_process():
-                (Path(args.output_dir) / "eval").mkdir(exist_ok=True)
-                save_atomic(coco_evaluator.coco_eval["bbox"].eval, Path(args.output_dir) / "eval" / "latest.pth")
+            out = Path(args.output_dir) / "eval" if args.output_dir else None
+            log_stats.update(evaluate_models(run_eval, {"test": evaluation_model(model, addons), "test_ema": ema_model},
+                                             {} if out is None else {
+                "test": out / "latest.pth", "test_ema": out / "latest_ema.pth"}))
         if args.output_dir and is_main_process():
             with (Path(args.output_dir) / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")

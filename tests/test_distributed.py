@@ -67,3 +67,21 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     assert e1["precision"].shape == e2["precision"].shape
     assert (e1["precision"] == e2["precision"]).all()
     assert (e1["recall"] == e2["recall"]).all()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_ema_of_one_process(tmp_path):
+    """--use_ema under DDP: the EMA (never a DDP parameter) follows the all-reduced weights on every rank."""
+    ema = ["--use_ema", "--ema_decay", "0.5"]
+    _launch(2, [f for f in _flags(tmp_path, "ddp", *ema) if f != "--backbone_from_scratch"] + ["--batch_size", "2"])
+    torch.set_num_threads(1)
+    try:
+        single = [f for f in _flags(tmp_path, "single", *ema) if f != "--backbone_from_scratch"]
+        train_main.main(finalize_args(get_args_parser().parse_args(single + ["--batch_size", "4"])))
+    finally:
+        torch.set_num_threads(2)
+    ddp, one = (load_checkpoint(tmp_path / run / "checkpoint.pth") for run in ("ddp", "single"))
+    assert ddp["ema_updates"] == one["ema_updates"] == 3
+    for name, value in one["ema_model"].items():
+        torch.testing.assert_close(ddp["ema_model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(v, one["model"][k]) for k, v in one["ema_model"].items())

@@ -3,7 +3,10 @@
     python tools/plot_logs.py exps/a exps/b --output curves.png
 
 Four panels per epoch: train loss, test loss, AP and AP50 (``test_coco_eval_bbox[0]`` and ``[1]``); one
-colour per run, named after its folder. Needs only matplotlib (Agg backend, no display).
+colour per run, named after its folder. A run with ``--use_ema`` also has its EMA model's test loss, AP and
+AP50 (``test_ema_*``) as dashed lines, and a run with ``--log_instability`` a fifth panel: the matching
+instability per epoch (``instability`` solid, ``instability_ema`` dashed). Needs only matplotlib (Agg backend,
+no display).
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ logger = logging.getLogger("detr.plot_logs")
 # (panel title, log.txt key, index into a list value or None)
 PANELS = (("train loss", "train_loss", None), ("test loss", "test_loss", None),
           ("AP", "test_coco_eval_bbox", 0), ("AP50", "test_coco_eval_bbox", 1))
+INSTABILITY_PANEL = ("matching instability", "instability", None)
+# A key's second curve, dashed: the EMA model's (--use_ema).
+DASHED = {"test_loss": "test_ema_loss", "test_coco_eval_bbox": "test_ema_coco_eval_bbox",
+          "instability": "instability_ema"}
 
 
 def read_log(run: str | Path) -> list[dict[str, Any]]:
@@ -62,25 +69,38 @@ def series(entries: Sequence[dict[str, Any]], key: str, index: int | None) -> tu
     return epochs, values
 
 
+def panels(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, int | None]]:
+    """The panels to draw: ``PANELS``, plus the matching-instability panel when a run logged it."""
+    logged = any("instability" in e or "instability_ema" in e for entries in runs.values() for e in entries)
+    return [*PANELS, INSTABILITY_PANEL] if logged else list(PANELS)
+
+
 def plot_runs(runs: dict[str, list[dict[str, Any]]], output: str | Path) -> Path:
-    """Draw every run into a 2x2 grid of panels and save it as a PNG; returns the file written."""
+    """Draw every run into a grid of panels (2x2, 2x3 with instability) and save it as a PNG; returns the file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    chosen = panels(runs)
+    fig, axes = plt.subplots(2, (len(chosen) + 1) // 2, figsize=(5.5 * ((len(chosen) + 1) // 2), 7),
+                             constrained_layout=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, key, index) in zip(axes.flat, PANELS):
+    for ax, (title, key, index) in zip(axes.flat, chosen):
         for i, (name, entries) in enumerate(runs.items()):
-            epochs, values = series(entries, key, index)
-            if epochs:
-                ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3,
-                        color=colours[i % len(colours)], label=name)
+            for curve, style, label in ((key, "-", name), (DASHED.get(key), "--", f"{name} (EMA)")):
+                epochs, values = series(entries, curve, index) if curve else ([], [])
+                if epochs:
+                    ax.plot(epochs, values, style, marker="o" if len(epochs) < 30 else None, markersize=3,
+                            color=colours[i % len(colours)], label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
+    for ax in axes.flat[len(chosen):]:
+        ax.set_visible(False)
     axes.flat[0].legend(fontsize="small")
+    if len(chosen) > len(PANELS):  # the EMA's curves are only in the test panels: show both names there
+        axes.flat[len(PANELS)].legend(fontsize="small")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)

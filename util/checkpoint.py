@@ -1,9 +1,10 @@
 """Checkpoint I/O: atomic writes, safe (weights_only) reads, finding the newest good checkpoint.
 
 Checkpoints keep the official layout (``model``, ``optimizer``, ``lr_scheduler``, ``epoch``,
-``args``) with ``args`` as a plain dict, plus what exact resume needs (scaler, RNG states, add-ons).
-Official checkpoints, whose ``args`` is a pickled argparse.Namespace, load by allow-listing that one
-class; nothing else is unpickled.
+``args``) with ``args`` as a plain dict, plus what exact resume needs (scaler, RNG states, add-ons, and
+DINO's ``ema_model`` with ``ema_updates`` under --use_ema). The run's log.txt is kept consistent with them
+(:func:`reconcile_log`). Official checkpoints, whose ``args`` is a pickled argparse.Namespace, load by
+allow-listing that one class; nothing else is unpickled.
 
 Faults: a file that cannot be read raises :class:`CheckpointError` naming it; a full disk while
 writing raises :class:`DiskFullError` with the space needed, after removing the temporary file (the
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import errno
 import filecmp
+import json
 import logging
 import os
 import pickle
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from util.errors import FlagError
-from util.misc import is_main_process
+from util.misc import all_gather_object, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -333,3 +335,71 @@ def optimizer_mismatch(saved: dict[str, Any], optimizer: torch.optim.Optimizer) 
     if theirs != ours:
         return f"its optimizer has parameter groups of {theirs} tensors, this run's {ours}"
     return None
+
+
+def save_checkpoints(args: Any, epoch: int, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
+                     scaler: Any, addons: list, train_stats: dict, extra: dict[str, Any] | None = None) -> None:
+    """checkpoint.pth every epoch; checkpoint{epoch:04}.pth before each lr drop, every --save_every, and last.
+
+    ``extra``: more entries (``ema_model``, ``ema_updates``, ``instability``). The numbered file is a hard link to
+    checkpoint.pth (written once; save_atomic later replaces checkpoint.pth by a rename, never in place). A full
+    disk raises DiskFullError, the previous files kept.
+    """
+    rngs = all_gather_object(rng_state())  # every rank's RNG, for exact resume
+    if not is_main_process() or not args.output_dir:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args), "rng": rngs,
+             "train_stats": train_stats}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    for addon in addons:
+        state[f"addons/{addon.name}"] = addon.state_dict()
+    state.update(extra or {})
+    out = Path(args.output_dir)
+    save_atomic(state, out / "checkpoint.pth")
+    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+        link_atomic(out / "checkpoint.pth", out / f"checkpoint{epoch:04}.pth")
+
+
+def read_log(output_dir: str) -> list[dict]:
+    path = Path(output_dir) / "log.txt"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_log(output_dir: str, entries: list[dict]) -> None:
+    """Rewrite log.txt atomically (used when resume has to drop or add an epoch's line)."""
+    path = Path(output_dir) / "log.txt"
+    tmp = path.with_name("log.txt.tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    os.replace(tmp, path)
+
+
+def reconcile_log(args: Any, ckpt: dict, evaluate_fn: Any) -> None:
+    """Make log.txt end at the resumed checkpoint's epoch.
+
+    Lines of later epochs (a newer checkpoint was corrupt) are dropped; if the run died between writing
+    the checkpoint and its log line, the line is rebuilt from the checkpoint's train stats and matching
+    instability, and ``evaluate_fn()`` (the ``test_*``/``test_ema_*`` entries of an evaluation of the resumed
+    weights; called on every rank: evaluation is collective).
+    """
+    if not args.output_dir:
+        return
+    epoch = ckpt["epoch"]
+    kept, missing = [], False
+    if is_main_process():
+        entries = read_log(args.output_dir)
+        kept = [e for e in entries if e.get("epoch", -1) <= epoch]
+        missing = "train_stats" in ckpt and not (kept and kept[-1].get("epoch") == epoch)
+        if len(kept) != len(entries):
+            logger.warning("resume: dropping log.txt lines after epoch %d", epoch)
+            write_log(args.output_dir, kept)
+    if not all_gather_object(missing)[0]:
+        return
+    logger.warning("resume: log.txt has no line for epoch %d; evaluating the checkpoint to write it", epoch)
+    test_stats = evaluate_fn()
+    if is_main_process():
+        entry = {**{f"train_{k}": v for k, v in ckpt["train_stats"].items()}, "epoch": epoch}
+        entry.update(ckpt.get("instability", {}).get("stats", {}))
+        entry.update(test_stats)
+        write_log(args.output_dir, kept + [entry])

@@ -303,11 +303,13 @@ def write_scalars(writer: Any, prefix: str, values: Mapping[str, Any], step: int
 
 def write_epoch(writer: Any, log_stats: Mapping[str, Any], epoch: int) -> None:
     """One epoch's ``log.txt`` entry as ``train/*``, ``test/*`` and the 12 COCO numbers (``coco/AP``, ``coco/AP50``,
-    ... ``COCO_STAT_NAMES``), at step ``epoch``."""
+    ... ``COCO_STAT_NAMES``; the EMA model's as ``coco_ema/*``), and ``stability/instability[_ema]``, at step
+    ``epoch``."""
     for prefix in ("train", "test"):
         write_scalars(writer, prefix, {k[len(prefix) + 1:]: v for k, v in log_stats.items()
                                        if k.startswith(prefix + "_")}, epoch)
-    coco = log_stats.get("test_coco_eval_bbox")
-    if coco:
-        write_scalars(writer, "coco", dict(zip(COCO_STAT_NAMES, coco)), epoch)
+    for prefix, key in (("coco", "test_coco_eval_bbox"), ("coco_ema", "test_ema_coco_eval_bbox")):  # EMA: --use_ema
+        if log_stats.get(key):
+            write_scalars(writer, prefix, dict(zip(COCO_STAT_NAMES, log_stats[key])), epoch)
+    write_scalars(writer, "stability", {k: v for k, v in log_stats.items() if k.startswith("instability")}, epoch)
     writer.flush()  # an epoch's numbers survive a crash of the next epoch
