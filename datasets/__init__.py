@@ -37,12 +37,15 @@ from .coco import AnnotationError, CocoDetection
 from .synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
 from .synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
 from .synthetic import SyntheticSpec, ensure_synthetic
+from .teacher_boxes import TeacherFileError, teacher_boxes_for_dataset
+from .teacher_merge import DEFAULT_TEACHER_WEIGHT, TeacherMerge
 from .transforms import VAL_SIZE, InputSizes, get_resize_shape, make_coco_transforms
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnnotationError", "CocoDetection", "ContiguousCocoDetection", "InputSizes", "add_args", "build_dataset",
-           "get_coco_api_from_dataset", "image_size_report", "input_sizes", "label_category_ids", "num_classes_for"]
+__all__ = ["AnnotationError", "CocoDetection", "ContiguousCocoDetection", "InputSizes", "TeacherFileError", "add_args",
+           "build_dataset", "get_coco_api_from_dataset", "image_size_report", "input_sizes", "label_category_ids",
+           "num_classes_for", "teacher_files", "teacher_merge"]
 
 IMAGE_SETS = ("train", "val")
 DEFAULT_COCO_PATH = "./data/coco"
@@ -191,6 +194,10 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
     The size flags change the transforms' sizes (:func:`input_sizes`); ``--contiguous_classes``
     gives a :class:`ContiguousCocoDetection`. The image sizes of the training split (of the val
     split with ``--eval``) are logged once, with a hint when most images would be enlarged > 2x.
+    With the teach add-on on and ``--ext_ann_files`` given, the training split's targets carry the teacher
+    boxes (``ext_boxes``, ``ext_labels``, ``ext_scores``, ``ext_teacher``; datasets/teacher_boxes.py), merged
+    per image before the transforms as the released code does (``--ensemble_mode merged``, the default;
+    datasets/teacher_merge.py) or every teacher's own (``parallel``).
 
     Args:
         image_set: "train" or "val".
@@ -231,7 +238,28 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
             logger.info("%s images: %s", image_set, line)
         if hint:
             logger.warning("%s images: %s", image_set, hint)
+    files = teacher_files(args)
+    if image_set == "train" and files:  # Teach-DETR: the training split only; validation never carries them
+        dataset.extra_box_sets = teacher_boxes_for_dataset(files, dataset, teacher_merge(args, files))
     return dataset
+
+
+def teacher_files(args: argparse.Namespace) -> dict[str, str]:
+    """Teacher name -> file of ``--ext_ann_files`` when the teach add-on is on (``--ensemble`` or ``--addons
+    teach``), else {} (the flags are the add-on's; see datasets/teacher_boxes.py)."""
+    files = dict(getattr(args, "ext_ann_files", None) or {})
+    enabled = bool(getattr(args, "ensemble", False)) or "teach" in (getattr(args, "addons", None) or [])
+    return files if enabled else {}
+
+
+def teacher_merge(args: argparse.Namespace, files: dict[str, str]) -> TeacherMerge | None:
+    """The data-path merge of the teachers (``--ensemble_mode merged``): weights ``--ext_ann_weights`` in
+    ``files``' order (missing: 0.5), the whole-image box unless ``--ensemble_no_dummy``; None in parallel mode."""
+    if getattr(args, "ensemble_mode", "merged") == "parallel":
+        return None
+    given = getattr(args, "ext_ann_weights", None) or {}
+    return TeacherMerge(tuple(float(given.get(name, DEFAULT_TEACHER_WEIGHT)) for name in files),
+                        dummy=not getattr(args, "ensemble_no_dummy", False))
 
 
 def image_size_report(dataset: CocoDetection, sizes: InputSizes) -> tuple[list[str], str | None]:
