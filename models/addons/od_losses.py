@@ -1,0 +1,278 @@
+"""OD-DETR's losses and assignments (models/addons/od.py uses them): matching distillation, prediction
+distillation, and the choice of the teacher's stage queries for the auxiliary group.
+
+specs/co_detr_od_detr.md §2.3. The paper's code was never published and its full text could not be read:
+the mechanisms are the paper's (abstract), every formula below is this project's reading of it (the spec's
+[INFERRED] items). Boxes are normalised (cx, cy, w, h) unless a name says ``xyxy``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from util.misc import get_world_size, is_dist_avail_and_initialized
+
+from ..matcher import HungarianMatcher
+from .base import Indices, loss_key
+
+Layer = Mapping[str, Tensor]  # one decoder layer's ``pred_logits`` [B, N, K] and ``pred_boxes`` [B, N, 4]
+
+
+def elementwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of matched pairs of xyxy boxes: [N, 4], [N, 4] -> [N] (0 for empty boxes)."""
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(inter.dtype).tiny)
+
+
+def quality_targets(shape: Sequence[int], batch_idx: Tensor, query_idx: Tensor, labels: Tensor,
+                    quality: Tensor) -> Tensor:
+    """Soft class targets [B, N, K]: y[b, q, c] = the largest ``quality`` among the pairs of query (b, q) with a
+    target of class c; 0 where the query has no target of that class.
+
+    Args:
+        shape: (B, N, K); batch_idx, query_idx, labels, quality: [P], one entry per (query, target) pair.
+    """
+    b, n, k = shape
+    flat = torch.zeros(b * n * k, dtype=quality.dtype, device=quality.device)
+    if quality.numel():
+        flat = flat.scatter_reduce(0, (batch_idx * n + query_idx) * k + labels, quality, "amax")
+    return flat.view(b, n, k)
+
+
+def multi_target_qfl(logits: Tensor, soft_targets: Tensor, beta: float = 2.0, valid: Tensor | None = None) -> Tensor:
+    """Multi-target quality focal loss, summed over queries and classes: BCE(sigmoid(z), y) * |y - sigmoid(z)|^beta.
+
+    Generalises QFL (GFL, Li et al. 2020) to a query with several targets: ``soft_targets`` holds, per class, the
+    best quality among the query's targets of that class (``quality_targets``). No alpha balancing.
+
+    Args:
+        logits: [B, N, K]; soft_targets: [B, N, K] in [0, 1]; valid: [B, N] bool (False: no loss), or None.
+    """
+    prob = logits.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none")
+    loss = loss * (soft_targets - prob).abs().pow(beta)
+    if valid is not None:
+        loss = loss * valid.unsqueeze(-1).to(loss.dtype)
+    return loss.sum()
+
+
+def _mean_over_ranks(count: Tensor) -> Tensor:
+    """A count averaged over processes (one all-reduce when distributed), at least 1."""
+    if is_dist_avail_and_initialized():
+        count = count.clone()
+        dist.all_reduce(count)
+    return torch.clamp(count / get_world_size(), min=1)
+
+
+def _pairs(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (query, target) pairs -> flat (batch index, query index, target index) [P]."""
+    empty = [torch.zeros(0, dtype=torch.long, device=device)]
+    batch = torch.cat(empty + [torch.full_like(src, b).to(device) for b, (src, _) in enumerate(indices)])
+    return (batch, torch.cat(empty + [src.to(device) for src, _ in indices]),
+            torch.cat(empty + [tgt.to(device) for _, tgt in indices]))
+
+
+def union_pairs(own: Indices, teacher: Indices, num_queries: int) -> Indices:
+    """Per image the union of two assignments: each (query, target) pair once (own pairs first)."""
+    out = []
+    for (s1, t1), (s2, t2) in zip(own, teacher):
+        src, tgt = torch.cat([s1, s2.to(s1.device)]), torch.cat([t1, t2.to(t1.device)])
+        key = tgt * num_queries + src
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        first = torch.full((uniq.numel(),), key.numel(), dtype=torch.long, device=key.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(key.numel(), device=key.device), "amin")
+        keep = first.sort().values
+        out.append((src[keep], tgt[keep]))
+    return out
+
+
+def differing_pairs(own: Indices, teacher: Indices, num_queries: int) -> Indices:
+    """Per image the teacher's pairs (query i, target sigma_T(i)) whose query the student matched elsewhere or not."""
+    out = []
+    for (s1, t1), (s2, t2) in zip(own, teacher):
+        own_target = torch.full((num_queries,), -1, dtype=torch.long, device=s2.device)
+        own_target[s1.to(s2.device)] = t1.to(s2.device)
+        keep = own_target[s2] != t2
+        out.append((s2[keep], t2[keep]))
+    return out
+
+
+class TeacherGuidedMatcher:
+    """Matching distillation's assigner of one supervised group at one step (spec §2.3.1).
+
+    The criterion calls it once per decoder layer with that layer's student outputs. It matches the student
+    itself (sigma_S, the criterion's Hungarian matcher) and the teacher's predictions on the corresponding
+    queries (sigma_T, the same matcher), and returns the pairs the box loss uses: sigma_S (``box_mode`` "both"
+    or "student", so the box terms equal the baseline's) or sigma_T ("teacher"). Its ``label_loss`` replaces the
+    group's focal loss by the multi-target quality focal loss on the union of both assignments;
+    ``teacher_box_losses`` gives the extra box terms toward sigma_T where it differs from sigma_S ("both").
+
+    Args:
+        hungarian: the criterion's matcher (same costs).
+        layers: per student layer, in the criterion's order (last, then aux 0..L-2): (the layer's ``pred_logits``
+            tensor, which identifies it, the teacher's predictions for the same queries at the paired layer).
+        names: the layers' key indices (None for the last layer, 0.. for aux layers).
+        box_mode: "both", "student" or "teacher".
+        beta: the quality focal loss exponent.
+    """
+
+    def __init__(self, hungarian: HungarianMatcher, layers: Sequence[tuple[Tensor, Layer]],
+                 names: Sequence[int | None], box_mode: str = "both", beta: float = 2.0) -> None:
+        self.hungarian, self.layers, self.names = hungarian, list(layers), list(names)
+        self.box_mode, self.beta = box_mode, beta
+        self.own: dict[int, Indices] = {}
+        self.teacher: dict[int, Indices] = {}
+        self.outputs: dict[int, Mapping[str, Tensor]] = {}
+        self.num_boxes: Tensor | None = None
+
+    def _layer(self, outputs: Mapping[str, Tensor]) -> int:
+        for i, (logits, _) in enumerate(self.layers):
+            if logits is outputs["pred_logits"]:
+                return i
+        raise KeyError("TeacherGuidedMatcher: these outputs are not a layer of the group it was made for")
+
+    def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
+        i = self._layer(outputs)
+        self.own[i] = self.hungarian(outputs, targets)
+        self.teacher[i] = self.hungarian(self.layers[i][1], targets)
+        self.outputs[i] = outputs
+        return self.teacher[i] if self.box_mode == "teacher" else self.own[i]
+
+    def label_loss(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], indices: Indices,
+                   num_boxes: Tensor, log: bool = False, valid: Tensor | None = None) -> dict[str, Tensor]:
+        """``loss_ce``: the multi-target QFL of this layer, normalised by the number of (query, target) pairs
+        (all-reduced); soft targets are the IoU of the detached predicted box with each target. ``class_error``
+        (``log``) as SetCriterion's, on ``indices``."""
+        i = self._layer(outputs)
+        self.num_boxes = num_boxes
+        logits = outputs["pred_logits"].float()
+        pairs = union_pairs(self.own[i], self.teacher[i], logits.shape[1])
+        batch_idx, query_idx, tgt_idx = _pairs(pairs, logits.device)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, pairs)]).to(logits.device)
+        gt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, pairs)]).float().to(logits.device)
+        pred = outputs["pred_boxes"][batch_idx, query_idx].detach().float()
+        iou = elementwise_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
+        soft = quality_targets(logits.shape, batch_idx, query_idx, labels, iou)
+        count = _mean_over_ranks(torch.as_tensor(float(query_idx.numel()), device=logits.device))
+        losses = {"loss_ce": multi_target_qfl(logits, soft, self.beta, valid) / count}
+        if log:
+            src = _pairs(indices, logits.device)
+            matched = logits[src[0], src[1]]
+            target = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+            acc = ((matched.argmax(-1) == target).float().mean() * 100 if matched.numel()
+                   else torch.zeros((), device=logits.device))
+            losses["class_error"] = 100 - acc
+        return losses
+
+    def teacher_box_losses(self, targets: Sequence[Mapping[str, Tensor]], suffix: str) -> dict[str, Tensor]:
+        """L1 and GIoU toward sigma_T(i) for the queries whose sigma_T differs from sigma_S (keys ``suffix``),
+        normalised like the group's box terms (its all-reduced box count); every matched layer."""
+        losses: dict[str, Tensor] = {}
+        for i, name in enumerate(self.names):
+            if i not in self.outputs:
+                continue
+            boxes = self.outputs[i]["pred_boxes"]
+            pairs = differing_pairs(self.own[i], self.teacher[i], boxes.shape[1])
+            batch_idx, query_idx, _ = _pairs(pairs, boxes.device)
+            src = boxes[batch_idx, query_idx].float()
+            gt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, pairs)]).float().to(boxes.device)
+            norm = self.num_boxes if self.num_boxes is not None else torch.ones((), device=boxes.device)
+            giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt))
+            losses[loss_key("loss_bbox", name, suffix)] = F.l1_loss(src, gt, reduction="sum") / norm
+            losses[loss_key("loss_giou", name, suffix)] = (1 - giou).sum() / norm
+        return losses
+
+
+def prediction_distillation(student: Layer, teacher: Layer, threshold: float) -> dict[str, Tensor]:
+    """Pull the student's predictions on the teacher's initial queries toward the teacher's (spec §2.3.2).
+
+    ``loss_ce``: BCE(sigmoid(z_S), sigmoid(z_T)) summed over classes, averaged over queries;
+    ``loss_bbox`` / ``loss_giou``: L1 (summed over the 4 coordinates) and 1 - GIoU to the teacher's box,
+    averaged over the queries whose best teacher score exceeds ``threshold`` (0 when there is none).
+
+    Args:
+        student, teacher: ``pred_logits`` [B, N, K] and ``pred_boxes`` [B, N, 4] of the same queries.
+    """
+    zs, zt = student["pred_logits"].float(), teacher["pred_logits"].float()
+    pt = zt.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(zs, pt, reduction="none").sum(-1).mean()
+    keep = pt.max(-1).values > threshold
+    count = keep.sum().clamp(min=1)
+    bs, bt = student["pred_boxes"][keep].float(), teacher["pred_boxes"][keep].float()
+    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(bs), box_cxcywh_to_xyxy(bt))
+    return {"loss_ce": ce, "loss_bbox": (bs - bt).abs().sum() / count, "loss_giou": (1 - giou).sum() / count}
+
+
+def select_stage_queries(cost: Tensor, k: int, shared: bool = False) -> Tensor:
+    """The k lowest-cost candidates of every target (spec §2.3.3): [G, k] candidate indices, in the order taken.
+
+    Without ``shared`` a candidate serves one target only, unless there are too few (fewer than k * G): pairs
+    are taken in increasing cost, each target until it has k, each candidate once; a target still short
+    then takes its best remaining candidates even if another target has them. With ``shared`` every
+    target simply takes its k best (two targets may pick the same candidate).
+
+    Args:
+        cost: [M, G] matching cost of M candidates (teacher queries of every stage) against G targets.
+        k: candidates per target (capped at M).
+    """
+    m, g = cost.shape
+    k = min(k, m)
+    if g == 0 or k == 0:
+        return torch.zeros(g, k, dtype=torch.long, device=cost.device)
+    if shared:
+        return cost.topk(k, dim=0, largest=False).indices.T
+    depth = min(m, k * g)  # a target can lose at most k * (g - 1) of its best candidates to the others
+    values, cands = cost.topk(depth, dim=0, largest=False)  # [depth, G], ascending per target
+    order = torch.argsort(values.flatten(), stable=True).tolist()
+    flat_cands = cands.flatten().tolist()
+    picks: list[list[int]] = [[] for _ in range(g)]
+    used: set[int] = set()
+    filled = 0
+    for pos in order:
+        target, cand = pos % g, flat_cands[pos]
+        if len(picks[target]) < k and cand not in used:
+            picks[target].append(cand)
+            used.add(cand)
+            filled += len(picks[target]) == k
+            if filled == g:
+                break
+    if filled < g:  # too few candidates: the remaining targets share (their best ones they do not have yet)
+        ranked = cost.argsort(dim=0, stable=True).T.tolist()
+        for target in range(g):
+            for cand in ranked[target]:
+                if len(picks[target]) == k:
+                    break
+                if cand not in picks[target]:
+                    picks[target].append(cand)
+    return torch.as_tensor(picks, dtype=torch.long, device=cost.device)
+
+
+def stage_costs(hungarian: HungarianMatcher, logits: Tensor, boxes: Tensor, labels: Tensor,
+                gt_boxes: Tensor) -> Tensor:
+    """Matching cost [M, G] of candidates (logits [M, K], boxes [M, 4]) against one image's targets, computed as
+    the Hungarian matcher's; non-finite predictions are tamed as the matcher does."""
+    logits = torch.nan_to_num(logits.float())
+    boxes = torch.nan_to_num(boxes.float(), nan=0.5)
+    cost = hungarian.cost_matrix(logits, boxes, labels, gt_boxes.float())
+    return torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
+
+
+def zero_loss_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """One-slot stand-in predictions for a group without queries (every fixed-index term is 0; same keys)."""
+    def one(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        logits = out["pred_logits"].new_zeros(out["pred_logits"].shape[0], 1, out["pred_logits"].shape[-1])
+        return {"pred_logits": logits, "pred_boxes": out["pred_boxes"].new_full((logits.shape[0], 1, 4), 0.5)}
+
+    stand_in = one(outputs)
+    if "aux_outputs" in outputs:
+        stand_in["aux_outputs"] = [one(aux) for aux in outputs["aux_outputs"]]
+    return stand_in
