@@ -39,7 +39,8 @@ def flag_problems(args: Any) -> list[str]:
                  "max_nonfinite_steps", "num_classes", "synthetic_train_size", "synthetic_val_size"):
         at_least(dest, 1)
     for dest in ("epochs", "start_epoch", "num_workers", "max_iters_per_epoch", "lr", "lr_linear_proj_mult",
-                 "weight_decay", "clip_max_norm", "num_queries_one2many", "dn_max_queries"):
+                 "weight_decay", "clip_max_norm", "num_queries_one2many", "dn_max_queries", "ema_warmup_steps",
+                 "log_instability"):
         at_least(dest, 0)
     at_least("synthetic_image_size", 32, " (the backbone's stride)")
     if v.get("dataset_file") == "synthetic" and not v.get("eval") and (v.get("batch_size") or 0) >= 1:
@@ -55,8 +56,10 @@ def flag_problems(args: Any) -> list[str]:
     if v.get("drop_path_rate") is not None and not 0 <= v["drop_path_rate"] < 1:
         problems.append(f"--drop_path_rate must be in [0, 1), got {v['drop_path_rate']}")
     within("seed", 0, 2**32 - 1, "in [0, 2**32 - 1] (numpy's seed range)")
-    if v.get("num_patterns"):
-        problems.append(f"--num_patterns: only 0 is supported (DAB pattern embeddings), got {v['num_patterns']}")
+    within("ema_decay", 0, 1, "in [0, 1] (the weight of the old EMA at each update; DINO: 0.9997)")
+    if v.get("num_patterns") and v.get("model") not in ("dab_detr", "dn_dab_detr"):
+        problems.append(f"--num_patterns: only 0 is supported (DAB pattern embeddings; -m dab_detr and dn_dab_detr "
+                        f"have them), got {v['num_patterns']}")
     if _addon_on(args, "hybrid", (v.get("num_queries_one2many") or 0) > 0):
         at_least("k_one2many", 1, " with the hybrid branch on (--num_queries_one2many > 0)")
     if _addon_on(args, "dn", bool(v.get("use_dn"))):
@@ -66,6 +69,21 @@ def flag_problems(args: Any) -> list[str]:
             at_least("scalar", 1, " with denoising on (--use_dn)")
     if _addon_on(args, "ms_detr", bool(v.get("use_ms_detr"))):
         at_least("o2m_matcher_k", 1, " with MS-DETR on (--use_ms_detr)")
+    if _addon_on(args, "od", False):
+        at_least("od_aux_per_gt", 1, " with OD-DETR on (--addons od)")
+        within("od_pd_score_threshold", 0, 1, "in [0, 1] (a sigmoid score) with OD-DETR on (--addons od)")
+        for dest in ("od_mqf_beta", "od_md_teacher_box_coef", "od_pd_cls_coef", "od_pd_bbox_coef",
+                     "od_pd_giou_coef", "od_aux_loss_coef"):
+            at_least(dest, 0, " with OD-DETR on (--addons od)")
+    problems += teach_flag_problems(v, _addon_on(args, "teach", bool(v.get("ensemble"))))
+    if _addon_on(args, "co_detr", False):
+        if v.get("model") not in (None, "deformable_detr", "dino"):
+            problems.append(f"--addons co_detr runs on -m deformable_detr (--two_stage) and -m dino "
+                            f"(Co-Deformable-DETR, Co-DINO), got -m {v['model']}")
+        if v.get("co_heads") is not None and not v["co_heads"]:
+            problems.append("--co_heads must name at least one auxiliary head (rcnn, atss)")
+        at_least("max_pos_coords", 1, " with Co-DETR on")
+        at_least("num_dec_layer", 1, " with Co-DETR on")
     if v.get("input_scale") is not None and not v["input_scale"] > 0:
         problems.append(f"--input_scale must be > 0 (a multiplier of the official sizes), got {v['input_scale']}")
     for dest in ("train_max_size", "val_size", "val_max_size"):
@@ -77,6 +95,26 @@ def flag_problems(args: Any) -> list[str]:
     if crop is not None and min(crop) >= 1 and crop[0] > crop[1]:
         problems.append(f"--crop_size MIN MAX needs MIN <= MAX, got {crop[0]} {crop[1]}")
     problems += run_flag_problems(v)
+    return problems
+
+
+def teach_flag_problems(v: dict[str, Any], on: bool) -> list[str]:
+    """Teach-DETR (--ensemble): teacher files given, weights only for named teachers, non-negative weights."""
+    problems: list[str] = []
+    files, weights = v.get("ext_ann_files"), v.get("ext_ann_weights")
+    if on and (v.get("lambda_ensemble") or 0) < 0:
+        problems.append(f"--lambda_ensemble must be >= 0, got {v['lambda_ensemble']}")
+    if on and not files and not v.get("eval") and isinstance(files, dict):
+        problems.append("--ensemble (Teach-DETR) needs the teachers' detections: --ext-ann-files NAME=FILE.json "
+                        "[NAME=FILE.json ...] (or one JSON object)")
+    if isinstance(files, dict) and isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(files))
+        if unknown:
+            problems.append(f"--ext-ann-weights names teachers that --ext-ann-files does not give: {unknown} "
+                            f"(teachers: {sorted(files)})")
+        negative = {k: w for k, w in weights.items() if w < 0}
+        if negative:
+            problems.append(f"--ext-ann-weights must be >= 0, got {negative}")
     return problems
 
 
@@ -107,6 +145,9 @@ def run_flag_problems(v: dict[str, Any]) -> list[str]:
         problems.append("--auto_resume needs --output_dir (the folder whose newest checkpoint it continues from)")
     if v.get("resume_weights_only") and not v.get("resume") and not v.get("auto_resume"):
         problems.append("--resume_weights_only needs --resume FILE (or --auto_resume)")
+    if v.get("eval_ema") and not v.get("eval"):
+        problems.append("--eval_ema evaluates a checkpoint's EMA weights: it needs --eval --resume FILE (training "
+                        "evaluates the EMA every epoch with --use_ema)")
     costs = [v.get(f"set_cost_{k}") for k in ("class", "bbox", "giou")]
     if None not in costs and not any(costs):
         problems.append("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the matcher needs one cost")
