@@ -1,6 +1,5 @@
 """Co-DETR add-on: group sizes and padding, isolation from the main queries, evaluation and exported weights
 untouched, loss keys and weights, refusals, training steps (alone and with denoising), DDP with an image without GT."""
-import os
 import sys
 
 import pytest
@@ -224,9 +223,10 @@ def _ddp_worker(rank, init_file, result_file):
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
-def test_ddp_two_processes_with_an_image_without_gt(tmp_path):
+def test_ddp_two_processes_with_an_image_without_gt(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # restored after the test: later tests compare in-process runs with subprocess runs bitwise
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "w")), nprocs=2, join=True)
     w0, w1 = torch.load(f"{tmp_path}/w.0"), torch.load(f"{tmp_path}/w.1")
     for k in w0:  # the same update on both ranks: every gradient was all-reduced
