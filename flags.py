@@ -16,6 +16,7 @@ from typing import Sequence
 from models.registry import ADDONS, MODELS, model_defaults
 from util.ema import add_args as add_ema_args
 from util.errors import FlagError  # noqa: F401  (re-exported: raised by validate_args)
+from util.lr_schedule import add_args as add_schedule_args
 from util.validation import flag_problems, validate_args  # noqa: F401  (re-exported)
 
 
@@ -220,6 +221,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_training_args(p)
     add_model_args(p)
     add_run_args(p)
+    add_schedule_args(p)
     add_ema_args(p)
     if hasattr(datasets, "add_args"):
         datasets.add_args(p)

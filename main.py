@@ -48,6 +48,7 @@ from util.checkpoint import (
 from util.ema import load_ema_weights, start_ema
 from util.instability import InstabilityProbe
 from util.logger import check_tensorboard, describe_run, open_tensorboard, save_args, setup_logging, write_epoch
+from util.lr_schedule import build_lr_scheduler, restart_schedule
 from util.misc import collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.validation import validate_run
 
@@ -180,18 +181,18 @@ def resume(args: Any, ckpt: dict | None, source: str, model: torch.nn.Module, op
             logger.info("--resume_weights_only: weights of %s loaded; optimizer, schedule and epochs start anew",
                         source)
         return None
+    saved_sched = saved.get("sched", "step") if saved else args.sched  # checkpoints before --sched: StepLR
+    if saved_sched != args.sched:
+        raise FlagError(f"checkpoint {source} was trained with --sched {saved_sched}, this run has --sched "
+                        f"{args.sched}: give --sched {saved_sched}, or --resume_weights_only to start a new schedule")
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    changed = [k for k in ("lr", "lr_backbone", "lr_drop", "epochs") if k in saved and saved[k] != getattr(args, k)]
+    keys = ("lr", "lr_backbone", "lr_drop", "epochs", "min_lr", "warmup_lr", "warmup_epochs")
+    changed = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     # Official (Deformable-DETR --resume): the command line's lr and lr_drop override the checkpoint's;
     # --schedule_from_checkpoint keeps the checkpoint's (this project's opt-in).
     if not args.schedule_from_checkpoint and (changed or args.schedule_from_args):
-        base_lrs = [g["lr"] for g in param_groups(model, args)]
-        lr_scheduler.step_size = args.lr_drop
-        lr_scheduler.base_lrs = base_lrs
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["initial_lr"] = base
-            group["lr"] = base * lr_scheduler.gamma ** (lr_scheduler.last_epoch // args.lr_drop)
+        restart_schedule(args, optimizer, lr_scheduler, [g["lr"] for g in param_groups(model, args)])
         logger.info("resume: schedule taken from the command line (as the official --resume): lr %g, lr_drop %d "
                     "(--schedule_from_checkpoint keeps the checkpoint's)", args.lr, args.lr_drop)
     elif changed:
@@ -328,7 +329,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    lr_scheduler = build_lr_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "fp16" else None
     addons = criterion.addons
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)

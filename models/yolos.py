@@ -38,12 +38,12 @@ from .registry import register_model
 VITS = {"tiny": (192, 12, 3, 224, False), "small": (384, 12, 6, 224, False), "base": (768, 12, 12, 384, True)}
 PATCH = 16
 
-# hustvl/YOLOS main.py defaults, where they differ from Deformable-DETR's (flags.py); its LR schedule is a
-# warm-up cosine by default, this project's is its --sched step (StepLR at --lr_drop).
+# hustvl/YOLOS main.py defaults, where they differ from Deformable-DETR's (flags.py), its warm-up cosine schedule
+# included (util/lr_schedule.py; --sched step is its StepLR at --lr_drop).
 YOLOS_DEFAULTS = {
     "lr": 1e-4, "lr_backbone": 1e-5, "epochs": 150, "lr_drop": 100, "num_queries": 100, "cls_loss": "softmax",
     "eos_coef": 0.1, "set_cost_class": 1.0, "cls_loss_coef": 1.0, "drop_path_rate": 0.0, "aux_loss": False,
-    "num_feature_levels": 1,
+    "num_feature_levels": 1, "sched": "warmupcos",
 }
 
 

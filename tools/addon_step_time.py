@@ -4,7 +4,15 @@
 
 Both models are built from the synthetic benchmark's model size (tools/synthetic_benchmark.py COMMON),
 steps alternate A, B, A, B ... so that load from other processes hits both alike, and the median
-forward + loss + backward + optimizer-step time of each is reported with the ratio B / A.
+forward + loss + backward + clip + optimizer-step time of each is reported with the ratio B / A.
+
+A step is engine.py's: the add-ons' ``before_forward``/``after_step`` hooks run, and a side that keeps an EMA
+(``--use_ema`` or an add-on that needs one, e.g. ``--addons od``) updates it after the optimizer step. Each
+target also carries teacher boxes (``ext_*`` fields, already merged as the data path delivers them: the GT
+boxes jittered, plus as many random ones, scores in [0.3, 1]) for ``--ensemble``; a side without it ignores them.
+
+    python tools/addon_step_time.py --addon_flags="--ensemble --ext_ann_files t=unused.json"
+    python tools/addon_step_time.py --flags="--with_box_refine --two_stage --use_ema" --addon_flags="--addons od"
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from flags import finalize_args, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
+from models.addons.base import StepContext, overrides  # noqa: E402
+from util.ema import ModelEMA, ema_enabled  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 MODEL = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 8 --enc_layers 2 --dec_layers 3 "
@@ -36,7 +46,15 @@ def batch(size: int, image: int, max_objects: int, seed: int = 0) -> tuple[list,
         n = int(torch.randint(1, max_objects + 1, (1,), generator=g))
         centre = torch.rand(n, 2, generator=g) * 0.6 + 0.2
         wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
-        targets.append({"labels": torch.randint(0, 6, (n,), generator=g), "boxes": torch.cat([centre, wh], 1)})
+        boxes = torch.cat([centre, wh], 1)
+        labels = torch.randint(0, 6, (n,), generator=g)
+        jittered = (boxes + torch.randn(n, 4, generator=g) * 0.02).clamp(0.01, 0.99)
+        extra = torch.cat([torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1)
+        targets.append({"labels": labels, "boxes": boxes,
+                        "ext_boxes": torch.cat([jittered, extra]),
+                        "ext_labels": torch.cat([labels, torch.randint(0, 6, (n,), generator=g)]),
+                        "ext_scores": torch.rand(2 * n, generator=g) * 0.7 + 0.3,
+                        "ext_teacher": torch.zeros(2 * n, dtype=torch.long), "ext_merged": True})
     return images, targets
 
 
@@ -45,16 +63,29 @@ def make(flags: str):
     args = finalize_args(get_args_parser().parse_args((MODEL + " " + flags).split()))
     model, criterion, _ = build_model(args)
     model.train()
-    return model, criterion, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = ModelEMA(model, args.ema_decay, args.ema_warmup_steps) if ema_enabled(args) else None
+    return model, criterion, torch.optim.AdamW(model.parameters(), lr=1e-4), ema, args.clip_max_norm
 
 
-def step(model, criterion, optimizer, samples, targets) -> float:
+def step(model, criterion, optimizer, ema, max_norm, samples, targets, index: int) -> float:
+    """One of engine.py's training steps (no logging, no AMP); seconds it took."""
     start = time.perf_counter()
-    out = model(samples, targets)  # training mode: the add-ons' query groups run inside the model
-    loss = criterion.total_loss(criterion(out, targets))
+    addons = criterion.addons
+    ctx = StepContext(images=samples, targets=targets, epoch=0, step=index, ema=None if ema is None else ema.module)
+    for addon in addons:
+        if overrides(addon, "before_forward"):
+            addon.before_forward(model, ctx)
+    out = model(samples, targets, ctx=ctx)  # training mode: the add-ons' query groups run inside the model
+    loss = criterion.total_loss(criterion(out, targets, ctx=ctx))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    for addon in addons:
+        addon.after_step(model, ctx)
     return time.perf_counter() - start
 
 
@@ -76,8 +107,8 @@ def main() -> None:
     runs = {"A": make(args.flags), "B": make(args.flags + " " + args.addon_flags)}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(args.warmup + args.steps):
-        for name, (model, criterion, optimizer) in runs.items():
-            t = step(model, criterion, optimizer, samples, targets)
+        for name, parts in runs.items():
+            t = step(*parts, samples, targets, i)
             if i >= args.warmup:
                 times[name].append(t)
     a, b = statistics.median(times["A"]), statistics.median(times["B"])

@@ -5,7 +5,10 @@
 
 Every row shares the same data, seed, model size and schedule (``COMMON``); a row only adds its own
 flags. Step time is the mean training iteration time minus data waiting; ratios are against the first
-row that ran. Results go to <out>/<name>/log.txt and a markdown table to <out>/results.md.
+row that ran. Results go to <out>/<name>/log.txt and a markdown table to <out>/results.md (and every row's
+figures to <out>/results.json). A row that keeps an EMA (``--use_ema`` or an add-on that needs one) also reports
+the EMA model's AP; a row with ``--log_instability N`` reports the matching instability of each epoch (model and
+EMA) in results.json and its mean over the run in the table.
 """
 from __future__ import annotations
 
@@ -45,8 +48,21 @@ def run_row(name: str, flags: str, out: Path, budget: str, extra: str) -> dict:
     last = entries[-1]
     step = sum(e["train_iter_time"] - e["train_data_time"] for e in entries) / len(entries)
     ap = last["test_coco_eval_bbox"]
-    return {"name": name, "flags": flags, "AP": ap[0], "AP50": ap[1], "AP75": ap[2], "step_s": step,
-            "minutes": (time.time() - start) / 60}
+    row = {"name": name, "flags": flags, "AP": ap[0], "AP50": ap[1], "AP75": ap[2], "step_s": step,
+           "minutes": (time.time() - start) / 60}
+    if "test_ema_coco_eval_bbox" in last:
+        ema = last["test_ema_coco_eval_bbox"]
+        row.update(EMA_AP=ema[0], EMA_AP50=ema[1], EMA_AP75=ema[2])
+    for key in ("instability", "instability_ema"):  # absent in the first epoch (nothing to compare with)
+        curve = [e[key] for e in entries if key in e]
+        if curve:
+            row[key] = curve
+    return row
+
+
+def mean_text(row: dict, key: str) -> str:
+    curve = row.get(key)
+    return "" if not curve else f"{sum(curve) / len(curve):.3f}"
 
 
 def main() -> None:
@@ -66,12 +82,16 @@ def main() -> None:
         results.append(run_row(name, flags, out, args.budget, args.extra))
     base = results[0]["step_s"] if results else 1.0
     lines = [f"Budget: {args.budget}; common flags: {COMMON} {args.extra}".rstrip(), "",
-             "| config | flags | AP | AP50 | AP75 | s/step | step ratio |", "|---|---|---|---|---|---|---|"]
+             "| config | flags | AP | AP50 | AP75 | s/step | step ratio | EMA AP / AP50 / AP75 | instability "
+             "(mean; EMA) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        ema = "" if "EMA_AP" not in r else f"{r['EMA_AP']:.3f} / {r['EMA_AP50']:.3f} / {r['EMA_AP75']:.3f}"
+        inst = "; ".join(t for t in (mean_text(r, "instability"), mean_text(r, "instability_ema")) if t)
         lines.append(f"| {r['name']} | `{r['flags']}` | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | "
-                     f"{r['step_s']:.3f} | {r['step_s'] / base:.2f} |")
+                     f"{r['step_s']:.3f} | {r['step_s'] / base:.2f} | {ema} | {inst} |")
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table)
 
 
