@@ -20,7 +20,7 @@ from .addons import HostRequest, StepContext, build_addons, plan_addons
 from .addons.builder import enabled_addons
 from .backbone import Joiner, build_backbone
 from .conditional_decoder import ConditionalTransformer, ConditionalTransformerOutput
-from .criterion import SetCriterion, main_coefs
+from .criterion import SetCriterion, main_coefs, set_giou_eps
 from .dab_deformable_detr import add_anchor_args
 from .deformable_detr import PostProcess
 from .detector import Detector
@@ -197,8 +197,7 @@ def single_scale_criterion(args: Any, addons: list, giou_eps: float = 0.0) -> Se
     criterion = SetCriterion(args.num_classes, build_matcher(args), main_coefs(args),
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0, focal_alpha=args.focal_alpha,
                              addons=addons)
-    criterion.giou_eps = giou_eps
-    return criterion
+    return set_giou_eps(criterion, giou_eps)
 
 
 def build_conditional_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:

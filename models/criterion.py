@@ -123,7 +123,7 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.cls_loss, self.eos_coef = cls_loss, eos_coef
-        self.giou_eps = 0.0  # DAB-/DN-DETR's GIoU adds 1e-6 to the union and the enclosing area (their builders set it)
+        self.giou_eps = 0.0  # DAB-/DN-DETR's and DINO's GIoU adds 1e-6 to the union and hull (set_giou_eps)
         self.two_stage = two_stage
         self.enc_class_agnostic = enc_class_agnostic
         self.addons = list(addons)
@@ -321,6 +321,14 @@ class SetCriterion(nn.Module):
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """sum(loss[k] * weight_dict[k]) over the weighted keys present."""
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+
+
+def set_giou_eps(criterion: SetCriterion, eps: float) -> SetCriterion:
+    """GIoU with ``eps`` added to the union and the enclosing area in the losses and the matching cost: the
+    ``generalized_box_iou`` of IDEA-Research's DAB-DETR, DN-DETR and DINO (1e-6); returns ``criterion``."""
+    criterion.giou_eps = eps
+    criterion.matcher.giou_eps = eps
+    return criterion
 
 
 def main_coefs(args: Any) -> dict[str, float]:

@@ -18,7 +18,7 @@ from .addons import HostRequest, build_addons, plan_addons
 from .anchor_detr import AnchorDeformableDETR
 from .anchor_transformer import AnchorDeformableTransformer
 from .backbone import build_backbone
-from .criterion import SetCriterion, main_coefs
+from .criterion import SetCriterion, main_coefs, set_giou_eps
 from .deformable_detr import PostProcess, backbone_levels
 from .matcher import build_matcher
 from .position_encoding import build_position_encoding
@@ -99,6 +99,7 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, reque
                              num_aux_layers=args.dec_layers - 1 if args.aux_loss else 0,
                              two_stage=transformer.two_stage, focal_alpha=args.focal_alpha, addons=addons,
                              enc_class_agnostic=enc_class_agnostic)
+    set_giou_eps(criterion, 1e-6)  # DAB-DETR's, DN-DETR's and DINO's util/box_ops.generalized_box_iou
     topk = args.num_select if args.num_select is not None else args.topk
     return model, criterion, {"bbox": PostProcess(topk)}
 

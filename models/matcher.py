@@ -215,6 +215,7 @@ class HungarianMatcher(nn.Module):
             raise ValueError("all matcher costs can't be 0")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.giou_eps = 0.0  # DAB-DETR, DN-DETR and DINO add 1e-6 to the GIoU's union and hull (their builders set it)
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Cost [..., Q, G]: logits [..., Q, K], boxes [..., Q, 4] cxcywh, targets [G], [G, 4] (one image, or a
@@ -225,7 +226,8 @@ class HungarianMatcher(nn.Module):
         else:
             cost_class = focal_class_cost(logits, tgt_labels, self.focal_alpha, self.focal_gamma)
         # no validity check (it would sync): predictions are sigmoid boxes, targets were checked when loaded
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes), check=False)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes), check=False,
+                                         eps=self.giou_eps)
         c = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         return c
 

@@ -47,23 +47,36 @@ def check_xyxy(boxes: Tensor, name: str = "boxes") -> None:
         raise ValueError(f"generalized_box_iou: {name} has x1 < x0 or y1 < y0")
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True, eps: float = 0.0) -> Tensor:
     """Pairwise generalised IoU (https://giou.stanford.edu/) of xyxy boxes: [..., N, 4], [..., M, 4] ->
     [..., N, M], in [-1, 1] (leading dimensions broadcast).
 
     Degenerate boxes (x1 < x0 or y1 < y0) would give inf/nan, so they are rejected (``check_xyxy``). The
     check costs two host-device synchronisations; ``check=False`` skips it for callers whose boxes are
     valid by construction (the matcher: sigmoid predictions, targets validated when the data is loaded).
+    ``eps`` > 0 is added to the union and the enclosing area (DAB-DETR, DN-DETR and DINO's version).
     """
     if check:
         check_xyxy(boxes1, "boxes1")
         check_xyxy(boxes2, "boxes2")
     iou, union = box_iou(boxes1, boxes2)
+    if eps:
+        iou = _intersection(boxes1, boxes2) / (union + eps)
     lt = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     rb = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     area = wh[..., 0] * wh[..., 1]
+    if eps:
+        return iou - (area - union) / (area + eps)
     return iou - (area - union) / area
+
+
+def _intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise intersection areas of xyxy boxes (as in :func:`box_iou`)."""
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
 
 
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
