@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from util.misc import inverse_sigmoid
+from util.misc import host_tensor_to, inverse_sigmoid
 
 from .layers import MLP, sine_embed_boxes
 from .query_groups import EncoderOutput, QueryGroup, QueryProvider, build_group_attn_mask, collect_groups
@@ -307,7 +307,7 @@ class ConditionalTransformer(nn.Module):
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos)
         valid = ~mask.view(bs, h, w)
         ratios = torch.stack([valid[:, 0].sum(1) / w, valid[:, :, 0].sum(1) / h], -1).float()[:, None]
-        shapes = torch.as_tensor([[h, w]], dtype=torch.long, device=src.device)
+        shapes = host_tensor_to([[h, w]], torch.long, src.device)
         num_queries = tgt.shape[1]
         enc = EncoderOutput(memory.transpose(0, 1), mask, shapes, ratios, num_queries)
         groups = collect_groups(providers, enc) if providers else []

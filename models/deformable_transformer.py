@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from util.misc import inverse_sigmoid
+from util.misc import host_tensor_to, inverse_sigmoid
 
 from .layers import refine_boxes
 from .ops import MSDeformAttn
@@ -303,7 +303,7 @@ class MultiScaleTransformer(nn.Module):
             mask_flatten.append(mask.flatten(1))
             pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
+        spatial_shapes = host_tensor_to(shapes, torch.long, src_flatten.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
         return FlatInputs(src_flatten, torch.cat(mask_flatten, 1), torch.cat(pos_flatten, 1), shapes, spatial_shapes,

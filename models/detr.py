@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from util import box_ops
 from util.errors import FlagError
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor, host_tensor_to, nested_tensor_from_tensor_list
 
 from .addons import StepContext, build_addons, plan_addons
 from .backbone import Joiner, build_backbone
@@ -126,7 +126,7 @@ class DETR(Detector):
         h, w = mask.shape[-2:]
         valid = (~mask).float()
         ratios = torch.stack([valid[:, 0, :].sum(1) / w, valid[:, :, 0].sum(1) / h], -1)[:, None]
-        shapes = torch.as_tensor([[h, w]], dtype=torch.long, device=memory.device)
+        shapes = host_tensor_to([[h, w]], torch.long, memory.device)
         return EncoderOutput(memory.transpose(0, 1), mask_flat, shapes, ratios, self.num_queries)
 
 

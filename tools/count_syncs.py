@@ -40,15 +40,16 @@ CONFIGS = {
 
 def count(flags: str, steps: int, batch_size: int, image_size: int, built: tuple | None = None) -> SyncCounter:
     """Syncs of ``steps`` engine steps of the model built from ``flags`` (same batch every step);
-    ``built``: (model, criterion, optimizer) to use instead of building them."""
+    ``built``: what ``make`` returns (model, criterion, optimizer, EMA or None, clip norm), to use instead of
+    building them."""
     images, targets = batch(batch_size, image_size, 6)
     samples = nested_tensor_from_tensor_list(images)
-    model, criterion, optimizer = built or make(flags)
+    model, criterion, optimizer, ema, _ = built or make(flags)
     addons = list(getattr(model, "train_addons", ()))
     loader = [(samples, targets)] * steps
     with SyncCounter() as syncs:
         train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 0, 0.1, addons=addons,
-                        print_freq=10**9)
+                        print_freq=10**9, ema=ema)
     return syncs
 
 

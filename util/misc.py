@@ -69,6 +69,15 @@ def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[NestedTensor, tuple[di
     return nested_tensor_from_tensor_list(images), targets
 
 
+def host_tensor_to(values: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.as_tensor(values, dtype=dtype, device=device)`` without a host-device synchronisation: built on
+    the host, pinned on a GPU and copied asynchronously (a pageable blocking copy waits for the stream)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Clamped logit: log(max(x, eps) / max(1 - x, eps)) with x clamped to [0, 1]."""
     x = x.clamp(min=0, max=1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from util.misc import get_world_size, is_dist_avail_and_initialized
+from util.misc import get_world_size, host_tensor_to, is_dist_avail_and_initialized
 
 from ..matcher import HungarianMatcher
 from .base import Indices, loss_key
@@ -162,7 +162,7 @@ class TeacherGuidedMatcher:
         pred = outputs["pred_boxes"][batch_idx, query_idx].detach().float()
         iou = elementwise_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
         soft = quality_targets(logits.shape, batch_idx, query_idx, labels, iou)
-        count = _mean_over_ranks(torch.as_tensor(float(query_idx.numel()), device=logits.device))
+        count = _mean_over_ranks(host_tensor_to(float(query_idx.numel()), torch.float, logits.device))
         losses = {"loss_ce": multi_target_qfl(logits, soft, self.beta, valid) / count}
         if log:
             src = _pairs(indices, logits.device)
@@ -253,7 +253,7 @@ def select_stage_queries(cost: Tensor, k: int, shared: bool = False) -> Tensor:
                     break
                 if cand not in picks[target]:
                     picks[target].append(cand)
-    return torch.as_tensor(picks, dtype=torch.long, device=cost.device)
+    return host_tensor_to(picks, torch.long, cost.device)
 
 
 def stage_costs(hungarian: HungarianMatcher, logits: Tensor, boxes: Tensor, labels: Tensor,

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from datasets.teacher_merge import DEFAULT_TEACHER_WEIGHT, MERGED_KEY, NMS_IOU, merge_teachers
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from util.misc import get_world_size, is_dist_avail_and_initialized
+from util.misc import get_world_size, host_tensor_to, is_dist_avail_and_initialized
 
 from ..matcher import build_matcher
 from ..registry import register_addon
@@ -345,7 +345,7 @@ def _accumulate(losses: dict[str, Tensor], terms: Mapping[str, Tensor], layer: i
 
 def _all_reduced_counts(counts: Sequence[int], device: torch.device) -> list[Tensor]:
     """Box counts averaged over processes (one collective), at least 1 each."""
-    t = torch.as_tensor([float(c) for c in counts], dtype=torch.float, device=device)
+    t = host_tensor_to([float(c) for c in counts], torch.float, device)
     if is_dist_avail_and_initialized():
         dist.all_reduce(t)
     return list(torch.clamp(t / get_world_size(), min=1).unbind(0))

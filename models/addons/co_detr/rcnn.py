@@ -38,6 +38,8 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
+from util.misc import host_tensor_to
+
 from .common import AuxHeadOutput
 from .rcnn_ops import DELTA_CLIP, decode_deltas, max_iou_assign, multilevel_roi_align, random_sample
 from .rcnn_rpn import AuxRPN
@@ -163,8 +165,8 @@ class RCNNAuxHead(nn.Module):
         counts = [s[0].shape[0] for s in samples]
         rois = torch.cat([s[0] for s in samples])
         labels, box_targets = torch.cat([s[1] for s in samples]), torch.cat([s[2] for s in samples])
-        batch_idx = torch.repeat_interleave(torch.arange(len(samples), device=rois.device),
-                                            torch.as_tensor(counts, device=rois.device))
+        batch_idx = host_tensor_to(torch.repeat_interleave(torch.arange(len(samples)), torch.as_tensor(counts)),
+                                   torch.long, rois.device)
         levels = self.num_roi_levels
         pooled = multilevel_roi_align(list(feats[:levels]), torch.cat([batch_idx[:, None].to(rois), rois], 1),
                                       self.strides[:levels], self.finest_scale, self.roi_output_size,
