@@ -95,9 +95,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bbox_loss_coef", default=5, type=float)
     g.add_argument("--giou_loss_coef", default=2, type=float)
     g.add_argument("--focal_alpha", default=0.25, type=float)
-    g.add_argument("--cls_loss", default="focal", choices=("focal", "softmax"),
-                   help="classification loss and matching cost: sigmoid focal (Deformable-DETR and later) or DETR's "
-                        "softmax cross-entropy with a 'no object' logit (detr, yolos)")
+    g.add_argument("--soft_nms", default=0.0, type=float, metavar="IOU",
+                   help="evaluation: class-wise linear soft-NMS at this IoU over the top --num_queries (query, class) "
+                        "pairs, keeping the model's top-k count (Co-DINO: 0.8); 0: off, the DETRs' NMS-free top-k")
+    g.add_argument("--cls_loss", default="focal", choices=("focal", "softmax", "qfl"),
+                   help="classification loss and matching cost: sigmoid focal (Deformable-DETR and later), DETR's "
+                        "softmax cross-entropy with a 'no object' logit (detr, yolos), or qfl: Co-DINO's quality "
+                        "focal loss (beta 2, the matched class's target is the box's IoU; focal matching cost)")
     g.add_argument("--eos_coef", default=0.1, type=float,
                    help="--cls_loss softmax: relative weight of the 'no object' class (DETR)")
     for term, main in (("cls", "--cls_loss_coef"), ("bbox", "--bbox_loss_coef"), ("giou", "--giou_loss_coef")):

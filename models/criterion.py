@@ -39,6 +39,33 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | floa
     return loss.mean(1).sum() / num_boxes
 
 
+def quality_focal_loss(logits: Tensor, soft_targets: Tensor, beta: float = 2.0,
+                       valid: Tensor | None = None) -> Tensor:
+    """Quality focal loss (GFL, Li et al. 2020; MMDetection's ``QualityFocalLoss`` with sigmoid), summed over
+    queries and classes: BCE(sigmoid(z), y) * |y - sigmoid(z)|^beta, with y the IoU of a positive's class
+    and 0 elsewhere (then the factor is sigmoid(z)^beta). No alpha balancing.
+
+    Args:
+        logits: [B, Q, K]; soft_targets: [B, Q, K] in [0, 1]; valid: [B, Q] bool (False: no loss), or None.
+    """
+    prob = logits.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none")
+    loss = loss * (soft_targets - prob).abs().pow(beta)
+    if valid is not None:
+        loss = loss * valid.unsqueeze(-1).to(loss.dtype)
+    return loss.sum()
+
+
+def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of matched xyxy pairs [N, 4] -> [N], the union floored at ``eps`` (MMDetection's aligned
+    ``bbox_overlaps``: the quality target of Co-DINO's quality focal loss)."""
+    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    return inter / torch.clamp(area1 + area2 - inter, min=eps)
+
+
 def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
     """(image, query) of every pair: [N], [N]."""
     if isinstance(indices, Matched):
@@ -117,12 +144,13 @@ class SetCriterion(nn.Module):
                  focal_gamma: float = 2.0, addons: Sequence[AddOn] = (), enc_class_agnostic: bool = True,
                  cls_loss: str = "focal", eos_coef: float = 0.1) -> None:
         super().__init__()
-        if cls_loss not in ("focal", "softmax"):
-            raise ValueError(f"cls_loss must be 'focal' or 'softmax', got {cls_loss!r}")
+        if cls_loss not in ("focal", "softmax", "qfl"):
+            raise ValueError(f"cls_loss must be 'focal', 'qfl' or 'softmax', got {cls_loss!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.cls_loss, self.eos_coef = cls_loss, eos_coef
+        self.qfl_beta = 2.0  # --cls_loss qfl: Co-DINO's QualityFocalLoss beta
         self.giou_eps = 0.0  # DAB-/DN-DETR's and DINO's GIoU adds 1e-6 to the union and hull (set_giou_eps)
         self.two_stage = two_stage
         self.enc_class_agnostic = enc_class_agnostic
@@ -139,7 +167,8 @@ class SetCriterion(nn.Module):
     # ---------------------------------------------------------------------------------- terms
     def loss_labels(self, outputs: Mapping[str, Tensor], targets, indices: Indices, num_boxes: Tensor,
                     log: bool = False, valid: Tensor | None = None) -> dict[str, Tensor]:
-        """Sigmoid focal loss over all (``valid``) queries and classes; unmatched queries are background."""
+        """Sigmoid focal loss (or with ``cls_loss="qfl"`` the quality focal loss) over all (``valid``) queries
+        and classes; unmatched queries are background."""
         logits = outputs["pred_logits"].float()
         idx = _src_permutation_idx(indices)
         target_classes_o = _matched_targets(targets, indices, "labels")
@@ -147,6 +176,16 @@ class SetCriterion(nn.Module):
         target_classes = _write_last_pairs(target_classes, idx, target_classes_o)
         if self.cls_loss == "softmax":
             loss_ce = self.softmax_loss(logits, target_classes, valid)
+        elif self.cls_loss == "qfl":
+            # the matched class's target is the IoU of the detached predicted box with its GT (0 elsewhere)
+            src = box_cxcywh_to_xyxy(outputs["pred_boxes"][idx].detach().float())
+            quality = aligned_iou(src, box_cxcywh_to_xyxy(_matched_targets(targets, indices, "boxes").float()))
+            quality = _write_last_pairs(logits.new_zeros(logits.shape[:2]), idx, quality)
+            onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=logits.dtype,
+                                 device=logits.device)
+            onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
+            soft = onehot[:, :, :-1] * quality.unsqueeze(-1)
+            loss_ce = quality_focal_loss(logits, soft, self.qfl_beta, valid) / num_boxes
         else:
             onehot = torch.zeros(logits.shape[0], logits.shape[1], logits.shape[2] + 1, dtype=logits.dtype,
                                  device=logits.device)

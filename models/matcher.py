@@ -298,5 +298,6 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(args) -> HungarianMatcher:
+    cls_loss = "softmax" if getattr(args, "cls_loss", "focal") == "softmax" else "focal"  # qfl matches as focal
     return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
-                            cost_giou=args.set_cost_giou, focal_alpha=0.25, cls_loss=getattr(args, "cls_loss", "focal"))
+                            cost_giou=args.set_cost_giou, focal_alpha=0.25, cls_loss=cls_loss)

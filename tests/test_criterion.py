@@ -1,6 +1,7 @@
 """Criterion: generated keys == weights, empty targets, losses of a perfect prediction."""
 import math
 
+import pytest
 import torch
 
 from models.addons import LossSpec, loss_key
@@ -69,3 +70,41 @@ def test_perfect_prediction_has_zero_box_loss():
     losses = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
     assert losses["loss_bbox"].item() < 1e-6 and losses["loss_giou"].item() < 1e-6
     assert losses["loss_ce"].item() < 1e-3 and losses["class_error"].item() == 0
+
+
+def test_quality_focal_loss_matches_a_hand_computation():
+    """--cls_loss qfl (Co-DINO): BCE(z, y) |y - sigmoid(z)|^2 with y = IoU of the matched box at its class, summed
+    over queries and classes, over num_boxes; the matched query's class target is its detached box's IoU."""
+    logits = torch.tensor([[[0.5, -1.0, 2.0], [-0.3, 0.1, -2.0]]], requires_grad=True)
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]]], requires_grad=True)
+    target = {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.55, 0.5, 0.4, 0.3]])}
+    crit = SetCriterion(3, HungarianMatcher(), {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, 0,
+                        cls_loss="qfl")
+    got = crit.loss_labels({"pred_logits": logits, "pred_boxes": boxes}, [target],
+                           [(torch.tensor([0]), torch.tensor([0]))], torch.tensor(1.0))["loss_ce"]
+    # query 0 (xyxy 0.3-0.7 x 0.3-0.7) vs GT (0.35-0.75 x 0.35-0.65): inter 0.35 * 0.3, union 0.16 + 0.12 - inter
+    iou = (0.35 * 0.3) / (0.16 + 0.12 - 0.35 * 0.3)
+    want = 0.0
+    for q in range(2):
+        for k in range(3):
+            z = logits[0, q, k].item()
+            y = iou if (q, k) == (0, 2) else 0.0
+            p = 1 / (1 + math.exp(-z))
+            bce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+            want += bce * abs(y - p) ** 2
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert boxes.grad is None and logits.grad is not None  # the quality target is detached
+
+
+def test_qfl_flag_on_sigmoid_hosts_only():
+    from flags import FlagError, finalize_args, get_args_parser
+    from models import build_model
+
+    small = ["--backbone", "resnet18", "--backbone_from_scratch", "--hidden_dim", "32", "--nheads", "2",
+             "--enc_layers", "1", "--dec_layers", "1", "--dim_feedforward", "32", "--num_queries", "5"]
+    _, criterion, _ = build_model(finalize_args(get_args_parser().parse_args(["-m", "dino", "--cls_loss", "qfl",
+                                                                               *small])))
+    assert criterion.cls_loss == "qfl" and criterion.matcher.cls_loss == "focal"
+    with pytest.raises(FlagError):
+        build_model(finalize_args(get_args_parser().parse_args(["-m", "detr", "--cls_loss", "qfl", *small])))

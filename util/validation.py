@@ -57,6 +57,9 @@ def flag_problems(args: Any) -> list[str]:
         problems.append(f"--drop_path_rate must be in [0, 1), got {v['drop_path_rate']}")
     within("seed", 0, 2**32 - 1, "in [0, 2**32 - 1] (numpy's seed range)")
     within("ema_decay", 0, 1, "in [0, 1] (the weight of the old EMA at each update; DINO: 0.9997)")
+    within("soft_nms", 0, 1, "an IoU in [0, 1] (0: off; Co-DINO: 0.8)")
+    for dest in ("min_lr", "warmup_lr", "warmup_epochs"):
+        at_least(dest, 0)
     if v.get("num_patterns") and v.get("model") not in ("dab_detr", "dn_dab_detr"):
         problems.append(f"--num_patterns: only 0 is supported (DAB pattern embeddings; -m dab_detr and dn_dab_detr "
                         f"have them), got {v['num_patterns']}")

@@ -3,7 +3,7 @@
 # (two-stage, refine, mixed query selection, look forward twice, FFN 2048, dropout 0, 300 queries) + R-CNN and ATSS
 # auxiliary heads (strides 8-128) + their positive queries; lambda_1 1, lambda_2 2 x 6 decoder layers; 12 epochs,
 # lr 2e-4 (x0.1 backbone, sampling_offsets, reference_points), clip 0.1, 2 images x 8 GPUs.
-# Differences left: 91 COCO-id logits here (official: 80), see the README's Co-DETR notes.
+# --contiguous_classes: 80 class logits in every head, as the official MMDetection config.
 set -x
 
 EXP_DIR=exps/co_detr/r50_co_deformable_detr_plus_plus_1x
@@ -20,6 +20,7 @@ python -u main.py \
     --epochs 12 \
     --lr_drop 11 \
     --addons co_detr \
+    --contiguous_classes \
     --lambda_1 1.0 \
     --lambda_2 2.0 \
     --num_dec_layer 6 \
