@@ -58,9 +58,9 @@ def batch(size: int, image: int, max_objects: int, seed: int = 0) -> tuple[list,
     return images, targets
 
 
-def make(flags: str):
+def make(flags: str, model: str = MODEL):
     torch.manual_seed(0)
-    args = finalize_args(get_args_parser().parse_args((MODEL + " " + flags).split()))
+    args = finalize_args(get_args_parser().parse_args((model + " " + flags).split()))
     model, criterion, _ = build_model(args)
     model.train()
     ema = ModelEMA(model, args.ema_decay, args.ema_warmup_steps) if ema_enabled(args) else None
@@ -99,12 +99,14 @@ def main() -> None:
     p.add_argument("--image_size", default=128, type=int)
     p.add_argument("--max_objects", default=6, type=int)
     p.add_argument("--threads", default=0, type=int, help="torch threads (0: leave as is)")
+    p.add_argument("--model", default=MODEL, help="model size flags shared by A and B (default: the synthetic "
+                                                  "benchmark's tiny model)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     images, targets = batch(args.batch_size, args.image_size, args.max_objects)
     samples = nested_tensor_from_tensor_list(images)
-    runs = {"A": make(args.flags), "B": make(args.flags + " " + args.addon_flags)}
+    runs = {"A": make(args.flags, args.model), "B": make(args.flags + " " + args.addon_flags, args.model)}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(args.warmup + args.steps):
         for name, parts in runs.items():
