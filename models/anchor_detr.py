@@ -100,7 +100,7 @@ class AnchorDeformableDETR(Detector):
     def host_capabilities() -> frozenset[str]:
         """What this host offers add-ons (both configurations): every query is a learned-content + 4-d anchor
         pair whose positional query the decoder derives from the anchor."""
-        return frozenset({"anchor_groups", "group_queries", "decoder_layer", "learned_content"})
+        return frozenset({"anchor_groups", "group_queries", "decoder_layer", "learned_content", "decoder_states"})
 
     @property
     def label_table(self) -> nn.Embedding | None:

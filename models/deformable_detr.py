@@ -96,7 +96,8 @@ class DeformableDETR(Detector):
     def host_capabilities(two_stage: bool) -> frozenset[str]:
         """What this host offers add-ons: two-stage queries carry 4-d boxes whose positional queries the
         transformer derives (``pos_trans``), so anchor groups (denoising) need two-stage."""
-        return frozenset({"group_queries", "decoder_layer"} | ({"anchor_groups"} if two_stage else set()))
+        offered = {"group_queries", "decoder_layer", "decoder_states"}
+        return frozenset(offered | ({"anchor_groups"} if two_stage else set()))
 
     def query_embeds(self) -> Tensor | None:
         """The learned query table handed to the transformer (None in plain two-stage)."""

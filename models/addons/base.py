@@ -38,6 +38,8 @@ CAPABILITIES = {
     "group_queries": "extra queries built exactly like the main ones (group_queries(enc, start, count))",
     "decoder_layer": "decoder layers built from an add-on's factory (HostRequest.decoder_layer)",
     "learned_content": "content queries from a learned table (HostRequest.reserved_content_channels)",
+    "decoder_states": "the decoder's per-layer query states (transformer.decoder's output hs) and the main queries "
+                      "rebuilt by group_queries(enc, 0, num_queries)",
 }
 
 

@@ -131,7 +131,7 @@ class OnlineDistillation(AddOn):
 
     name = "od"
     order = 50
-    requires = frozenset({"group_queries", "decoder_layer"})
+    requires = frozenset({"group_queries", "decoder_states"})
     needs_ema = True
 
     def __init__(self, config: ODConfig, hungarian: HungarianMatcher, md_main: bool, derive_pos: bool,

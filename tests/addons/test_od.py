@@ -279,7 +279,7 @@ def test_empty_batch_keeps_the_keys():
 
 
 def test_unsupported_hosts_and_bad_flags_are_refused():
-    with pytest.raises(FlagError, match="'od'.*decoder_layer"):
+    with pytest.raises(FlagError, match="'od'.*decoder_states"):
         build_model(tiny_args("-m", "detr", "--addons", "od"))
     with pytest.raises(FlagError, match="od_aux_per_gt"):
         build_model(tiny_args("--addons", "od", "--od_aux_per_gt", "0"))
