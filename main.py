@@ -48,7 +48,7 @@ from util.checkpoint import (
 from util.ema import load_ema_weights, start_ema
 from util.instability import InstabilityProbe
 from util.logger import check_tensorboard, describe_run, open_tensorboard, save_args, setup_logging, write_epoch
-from util.lr_schedule import build_lr_scheduler, restart_schedule
+from util.lr_schedule import build_lr_scheduler, load_schedule_state, restart_schedule
 from util.misc import collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.validation import validate_run
 
@@ -186,7 +186,7 @@ def resume(args: Any, ckpt: dict | None, source: str, model: torch.nn.Module, op
         raise FlagError(f"checkpoint {source} was trained with --sched {saved_sched}, this run has --sched "
                         f"{args.sched}: give --sched {saved_sched}, or --resume_weights_only to start a new schedule")
     optimizer.load_state_dict(ckpt["optimizer"])
-    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    load_schedule_state(lr_scheduler, optimizer, ckpt["lr_scheduler"], ckpt["epoch"])
     keys = ("lr", "lr_backbone", "lr_drop", "epochs", "min_lr", "warmup_lr", "warmup_epochs")
     changed = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     # Official (Deformable-DETR --resume): the command line's lr and lr_drop override the checkpoint's;

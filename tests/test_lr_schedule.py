@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flags import finalize_args, get_args_parser
-from util.lr_schedule import WarmupCosineLR, build_lr_scheduler, restart_schedule
+from util.lr_schedule import WarmupCosineLR, build_lr_scheduler, load_schedule_state, restart_schedule
 
 BASES = (1e-4, 1e-5)
 
@@ -100,3 +100,26 @@ def test_restart_schedule_takes_the_command_line():
     rates(opt, step, 3)
     restart_schedule(Args, opt, step, [2e-4, 2e-5])
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 2e-6])
+
+
+def test_official_yolos_scheduler_state_resumes_where_it_stopped():
+    """hustvl/YOLOS checkpoints hold timm's scheduler state (no last_epoch: its loop calls step(epoch)); resumed
+    after epoch 2, the next epochs run at the official loop's rates, not from the start of the cosine."""
+    timm_state = {"t_initial": 6, "lr_min": 1e-7, "warmup_t": 0, "warmup_lr_init": 1e-6, "decay_rate": 0.1,
+                  "base_values": list(BASES), "t_in_epochs": True, "noise_range_t": None}
+    opt = optimizer()
+    sched = WarmupCosineLR(opt, epochs=6)
+    load_schedule_state(sched, opt, timm_state, epoch=2)
+    got = rates(opt, sched, 4)  # epochs 3, 4, 5, 6
+    want = [[official(b, e, 6, 0, 1e-6, 1e-7) for b in BASES] for e in range(3, 7)]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-12, abs=0)
+    # our own checkpoints carry last_epoch and load as they are
+    opt2 = optimizer()
+    sched2 = WarmupCosineLR(opt2, epochs=6)
+    rates(opt2, sched2, 3)
+    opt3 = optimizer()
+    sched3 = WarmupCosineLR(opt3, epochs=6)
+    opt3.load_state_dict(opt2.state_dict())
+    load_schedule_state(sched3, opt3, sched2.state_dict(), epoch=2)
+    assert rates(opt3, sched3, 3) == rates(opt2, sched2, 3)

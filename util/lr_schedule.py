@@ -69,6 +69,22 @@ def build_lr_scheduler(args: Any, optimizer: torch.optim.Optimizer) -> torch.opt
     return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
 
+def load_schedule_state(lr_scheduler: Any, optimizer: torch.optim.Optimizer, state: dict, epoch: int) -> None:
+    """Restore the schedule of a checkpoint saved after epoch ``epoch``.
+
+    hustvl/YOLOS saves timm's scheduler (no ``last_epoch``: its loop passes the epoch to every ``step``); for
+    such a state the warm-up cosine is placed after epoch ``epoch`` and each group's rate set for the next one,
+    the rate the official loop's ``step(epoch)`` set. Any other state is loaded as it is.
+    """
+    if isinstance(lr_scheduler, WarmupCosineLR) and "last_epoch" not in state:
+        lr_scheduler.last_epoch = int(epoch) + 1
+        for group, rate in zip(optimizer.param_groups, lr_scheduler.get_lr()):
+            group["lr"] = rate
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        return
+    lr_scheduler.load_state_dict(state)
+
+
 def restart_schedule(args: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any, base_lrs: list[float]) -> None:
     """Resume with the command line's schedule (the official ``--resume``): new base rates, drop epoch or cosine
     length, and each group's rate for the epoch the scheduler has reached."""
