@@ -523,6 +523,7 @@ def _distributed_worker(rank: int, init_file: str, root: str, result_file: str) 
         evaluator.summarize()
         if rank == 0:
             np.save(result_file, evaluator.coco_eval["bbox"].stats)
+        torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         torch.distributed.destroy_process_group()
 

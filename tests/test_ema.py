@@ -180,6 +180,7 @@ for _ in range(3):
     optimizer.step()
     ema.update(ddp)
 torch.save({"ema": ema.state_dict(), "model": model.state_dict()}, out + "/rank%d.pt" % rank)
+dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort at exit)
 dist.destroy_process_group()
 """
 

@@ -218,6 +218,7 @@ def _ddp_worker(rank, init_file, result_file):
         loss.backward()
         opt.step()
     torch.save({k: v.detach().clone() for k, v in model.addons.state_dict().items()}, f"{result_file}.{rank}")
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
