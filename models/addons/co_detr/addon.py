@@ -41,7 +41,8 @@ NATIVE_COEFS = {  # the heads' loss weights before the lambda_2 x num_dec_layer 
 LOSSES_META = "co_detr_head_losses"
 
 
-def build_rcnn_head(num_classes: int, channels: int, strides: list[int], roi_levels: int) -> nn.Module:
+def build_rcnn_head(num_classes: int, channels: int, strides: list[int], roi_levels: int,
+                    fc_channels: int = 1024) -> nn.Module:
     """The RPN + RoI auxiliary head (rcnn.py); a clear error while it is not available."""
     try:
         from .rcnn import RCNNAuxHead
@@ -49,18 +50,19 @@ def build_rcnn_head(num_classes: int, channels: int, strides: list[int], roi_lev
         raise FlagError(f"co_detr: the R-CNN auxiliary head is not available ({e}); use --co_heads atss") from e
     # finest_scale 112 on strides 8.. (Co-Deformable), 56 on strides 4.. (Co-DINO): 14 x the finest stride
     return RCNNAuxHead(in_channels=channels, num_classes=num_classes, strides=strides, num_roi_levels=roi_levels,
-                       finest_scale=14.0 * strides[0])
+                       finest_scale=14.0 * strides[0], fc_channels=fc_channels)
 
 
 class CoDETRModule(nn.Module):
     """Every parameter of the add-on: the pyramid's extra level, the auxiliary heads, the query projections."""
 
     def __init__(self, heads: tuple[str, ...], num_classes: int, channels: int, strides: list[int],
-                 queries: PositiveQueries | None) -> None:
+                 queries: PositiveQueries | None, fc_channels: int = 1024) -> None:
         super().__init__()
         self.pyramid = MemoryPyramid(channels)
         if "rcnn" in heads:  # RoIs pool from the memory levels only (the extra level excluded), spec §1.3 item 4
-            self.rcnn = build_rcnn_head(num_classes, channels, strides, roi_levels=len(strides) - 1)
+            self.rcnn = build_rcnn_head(num_classes, channels, strides, roi_levels=len(strides) - 1,
+                                         fc_channels=fc_channels)
         if "atss" in heads:
             self.atss = ATSSHead(num_classes, channels, strides)
         self.queries = queries
@@ -99,6 +101,8 @@ class CoDETR(AddOn):
         g.add_argument("--with_coord_feat", default=None, action=argparse.BooleanOptionalAction,
                        help="add the entries' content feature to the positive queries (default: on for "
                             "deformable_detr, off for dino, as the official configs)")
+        g.add_argument("--fc_out_channels", default=1024, type=int,
+                       help="width of the R-CNN RoI head's two shared FCs (roi_head.bbox_head.fc_out_channels)")
         g.add_argument("--fix_head_pos_embed", action="store_true",
                        help="Co-Deformable: a C-d learned head embedding (official: one scalar per head, spec §4.1)")
 
@@ -113,7 +117,7 @@ class CoDETR(AddOn):
         strides.append(strides[-1] * 2)
         queries = (PositiveQueries(args.hidden_dim, len(heads), style, coord_feat, args.fix_head_pos_embed)
                    if args.with_pos_coord else None)
-        module = CoDETRModule(heads, args.num_classes, args.hidden_dim, strides, queries)
+        module = CoDETRModule(heads, args.num_classes, args.hidden_dim, strides, queries, args.fc_out_channels)
         return cls(module, heads, args.num_classes, args.lambda_1, args.lambda_2,
                    args.num_dec_layer or args.dec_layers, args.max_pos_coords, args.with_pos_coord)
 
