@@ -186,6 +186,16 @@ def test_heads_only_without_positive_queries(batch):
     assert all(p.grad is not None for p in model.addons.parameters())
 
 
+def test_roi_head_width_flag(batch):
+    rcnn = _build(*TWO_STAGE, *CO)[0].addons.co_detr.rcnn  # the official 1024 by default
+    assert rcnn.box_head.fc6.out_features == rcnn.box_head.fc7.out_features == rcnn.cls_score.in_features == 1024
+    model, criterion, _ = _build(*TWO_STAGE, *CO, "--fc_out_channels", "32")
+    rcnn = model.addons.co_detr.rcnn
+    assert rcnn.box_head.fc7.out_features == rcnn.cls_score.in_features == rcnn.bbox_pred.in_features == 32
+    _, losses = _step(model, criterion, *batch)
+    assert torch.isfinite(losses["loss_rcnn_cls"]) and torch.isfinite(losses["loss_rcnn_giou"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["-m", "dab_deformable_detr"] + CO, "co_detr runs on"),
     (CO, "anchor"),  # one-stage deformable_detr: 2-d references
