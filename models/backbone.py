@@ -49,6 +49,21 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + (b - rm * scale)
 
 
+class MaxPool2dCPUFast(nn.MaxPool2d):
+    """The ResNet stem's max pool, run on a channels-last copy on CPU.
+
+    PyTorch's CPU max pool with indices is ~30x slower on NCHW than on NHWC maps (32 ms vs 0.9 ms for the small
+    benchmark model's 8x64x64x64 stem, 5 % of its training step); the two copies cost ~1 ms. The maxima and the
+    gradient are the same (a max is exact; ties only among post-ReLU zeros, whose gradient ReLU drops anyway).
+    Other devices run the plain pool.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def load_local_weights(module: nn.Module, path: str, name: str) -> None:
     """Load backbone weights from a local file (torchvision/timm state dict, or a dict under 'model').
 
@@ -140,6 +155,9 @@ class ResNetBackbone(BackboneBase):
                                                 norm_layer=norm)
         if pretrained_path:
             load_local_weights(net, pretrained_path, name)
+        pool = net.maxpool  # no parameters: names and state dicts are unchanged
+        net.maxpool = MaxPool2dCPUFast(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                       ceil_mode=pool.ceil_mode)
         for pname, p in net.named_parameters():
             trained_stage = from_scratch or any(layer in pname for layer in ("layer2", "layer3", "layer4"))
             if not train_backbone or not trained_stage:
