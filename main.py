@@ -50,6 +50,7 @@ from util.instability import InstabilityProbe
 from util.logger import check_tensorboard, describe_run, open_tensorboard, save_args, setup_logging, write_epoch
 from util.lr_schedule import build_lr_scheduler, load_schedule_state, restart_schedule
 from util.misc import collate_fn, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.optim import build_optimizer, use_fused
 from util.validation import validate_run
 
 logger = logging.getLogger("detr")
@@ -325,15 +326,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
     groups = param_groups(model_without_ddp, args)
-    if args.sgd:
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(groups, args)
     lr_scheduler = build_lr_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "fp16" else None
     addons = criterion.addons
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     ckpt = resume(args, start_ckpt, start_source, model_without_ddp, optimizer, lr_scheduler, scaler, addons)
+    use_fused(optimizer, args.fused_optimizer)  # a resumed optimizer state brings its checkpoint's implementation
     # The EMA follows the model and its add-ons as resumed (never wrapped by DDP); the probe draws no RNG.
     ema = start_ema(args, model_without_ddp, start_ckpt, start_source, restored=ckpt is not None)
     probe = InstabilityProbe.from_args(args, dataset_train, criterion.matcher, device)

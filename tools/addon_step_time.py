@@ -32,6 +32,7 @@ from models import build_model  # noqa: E402
 from models.addons.base import StepContext, overrides  # noqa: E402
 from util.ema import ModelEMA, ema_enabled  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+from util.optim import build_optimizer  # noqa: E402
 
 MODEL = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 8 --enc_layers 2 --dec_layers 3 "
          "--dim_feedforward 256 --num_queries 30 --num_classes 6 --device cpu")
@@ -64,7 +65,8 @@ def make(flags: str, model: str = MODEL):
     model, criterion, _ = build_model(args)
     model.train()
     ema = ModelEMA(model, args.ema_decay, args.ema_warmup_steps) if ema_enabled(args) else None
-    return model, criterion, torch.optim.AdamW(model.parameters(), lr=1e-4), ema, args.clip_max_norm
+    args.lr = 1e-4
+    return model, criterion, build_optimizer(model.parameters(), args), ema, args.clip_max_norm
 
 
 def step(model, criterion, optimizer, ema, max_norm, samples, targets, index: int) -> float:

@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flags import finalize_args, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+from util.optim import build_optimizer  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +62,8 @@ def bench(args, impl: str, device: torch.device) -> dict[str, float]:
     model, criterion, post = build_model(args)
     model.to(device)
     samples, targets = _inputs(args, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trained, SimpleNamespace(**{**vars(args), "lr": 1e-5}))  # as main.py, lr 1e-5
     amp = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16,
                          enabled=args.amp)
 

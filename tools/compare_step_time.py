@@ -41,9 +41,14 @@ batch, h, w, threads = (int(a) for a in sys.argv[2:6])
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(0)
-model, criterion, _ = build_model(main.get_args_parser().parse_args(flags))
+args = main.get_args_parser().parse_args(flags + ["--lr", "1e-4", "--weight_decay", "1e-4"])
+model, criterion, _ = build_model(args)
 model.train()
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+try:  # each tree's own optimizer, as its main.py builds it
+    from util.optim import build_optimizer
+    optimizer = build_optimizer(model.parameters(), args)
+except ImportError:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 g = torch.Generator().manual_seed(0)
 images = [torch.randn(3, h, w, generator=g) for _ in range(batch)]
 targets = []
