@@ -80,6 +80,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_selection", action="store_true", help="H-DETR/DINO mixed query selection")
     g.add_argument("--look_forward_twice", action="store_true", help="H-DETR/DINO look forward twice")
     g.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing (less memory)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and every encoder/decoder layer in place (off: see README)")
+    g.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (inductor; eager for tests)")
     g.add_argument("--num_classes", default=None, type=int,
                    help="class logits; default: 91 for COCO, max category id + 1 of the annotation file")
     g.add_argument("--topk", "--topk_eval", dest="topk", default=100, type=int, help="detections per image")

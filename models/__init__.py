@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from util.compile import compile_model
 from util.errors import FlagError
 from util.validation import validate_args
 
@@ -50,4 +51,6 @@ def build_model(args: Any) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
                             f"{type(top).__name__}")
         postprocessors = {**postprocessors, "bbox": SoftNMSPostProcess(args.soft_nms, args.num_queries,
                                                                        top.num_select)}
+    if getattr(args, "compile", False):
+        compile_model(model, args.compile_mode, args.compile_backend)
     return model, criterion, postprocessors

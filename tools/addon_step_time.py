@@ -17,6 +17,7 @@ boxes jittered, plus as many random ones, scores in [0.3, 1]) for ``--ensemble``
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -38,10 +39,10 @@ MODEL = ("--backbone resnet18 --backbone_from_scratch --hidden_dim 64 --nheads 8
          "--dim_feedforward 256 --num_queries 30 --num_classes 6 --device cpu")
 
 
-def batch(size: int, image: int, max_objects: int, seed: int = 0) -> tuple[list, list]:
+def batch(size: int, image: int, max_objects: int, seed: int = 0, width: int | None = None) -> tuple[list, list]:
     """Random images with 1..max_objects boxes each (the synthetic set holds 1-6 objects per image)."""
     g = torch.Generator().manual_seed(seed)
-    images = [torch.randn(3, image, image, generator=g) for _ in range(size)]
+    images = [torch.randn(3, image, width or image, generator=g) for _ in range(size)]
     targets = []
     for _ in range(size):
         n = int(torch.randint(1, max_objects + 1, (1,), generator=g))
@@ -63,7 +64,7 @@ def make(flags: str, model: str = MODEL):
     torch.manual_seed(0)
     args = finalize_args(get_args_parser().parse_args((model + " " + flags).split()))
     model, criterion, _ = build_model(args)
-    model.train()
+    model.to(args.device).train()
     ema = ModelEMA(model, args.ema_decay, args.ema_warmup_steps) if ema_enabled(args) else None
     args.lr = 1e-4
     return model, criterion, build_optimizer(model.parameters(), args), ema, args.clip_max_norm
@@ -71,6 +72,9 @@ def make(flags: str, model: str = MODEL):
 
 def step(model, criterion, optimizer, ema, max_norm, samples, targets, index: int) -> float:
     """One of engine.py's training steps (no logging, no AMP); seconds it took."""
+    device = samples.tensors.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     addons = criterion.addons
     ctx = StepContext(images=samples, targets=targets, epoch=0, step=index, ema=None if ema is None else ema.module)
@@ -88,6 +92,8 @@ def step(model, criterion, optimizer, ema, max_norm, samples, targets, index: in
         ema.update(model)
     for addon in addons:
         addon.after_step(model, ctx)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -99,15 +105,19 @@ def main() -> None:
     p.add_argument("--warmup", default=2, type=int)
     p.add_argument("--batch_size", default=8, type=int)
     p.add_argument("--image_size", default=128, type=int)
+    p.add_argument("--image_width", default=None, type=int, help="default: --image_size (square)")
     p.add_argument("--max_objects", default=6, type=int)
     p.add_argument("--threads", default=0, type=int, help="torch threads (0: leave as is)")
     p.add_argument("--model", default=MODEL, help="model size flags shared by A and B (default: the synthetic "
                                                   "benchmark's tiny model)")
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    images, targets = batch(args.batch_size, args.image_size, args.max_objects)
-    samples = nested_tensor_from_tensor_list(images)
+    device = torch.device(get_args_parser().parse_args(args.model.split()).device)
+    images, targets = batch(args.batch_size, args.image_size, args.max_objects, width=args.image_width)
+    samples = nested_tensor_from_tensor_list(images).to(device)
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
     runs = {"A": make(args.flags, args.model), "B": make(args.flags + " " + args.addon_flags, args.model)}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(args.warmup + args.steps):
@@ -119,6 +129,11 @@ def main() -> None:
     print(f"A: {args.flags!r}  median {a:.4f} s/step")
     print(f"B: A + {args.addon_flags!r}  median {b:.4f} s/step")
     print(f"ratio B/A: {b / a:.3f}  ({args.steps} alternating steps, batch {args.batch_size}, {args.image_size} px)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        result = {"model": args.model, "flags": args.flags, "addon_flags": args.addon_flags, "steps": args.steps,
+                  "batch_size": args.batch_size, "image_size": args.image_size, "a_s": a, "b_s": b, "ratio": b / a}
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ over ``--bench_iters`` iterations after ``--bench_warmup``; ratios are against t
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -101,6 +102,7 @@ def main() -> None:
     g.add_argument("--bench_warmup", type=int, default=2)
     g.add_argument("--impls", nargs="+", default=["auto"], help="MSDeformAttn implementations to compare")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    g.add_argument("--json", help="also write the results here (one object per implementation)")
     args = finalize_args(parser.parse_args())
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,6 +118,12 @@ def main() -> None:
     for impl, r in rows:
         print(f"{impl:<10} {r['infer_img_s']:>12.2f} {r['train_step_s']:>13.4f} {r['peak_mem_mib']:>9.0f} "
               f"{r['infer_img_s'] / base['infer_img_s']:>8.2f} {base['train_step_s'] / r['train_step_s']:>8.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"config": flags, "device": str(device),
+                                               "device_name": torch.cuda.get_device_name(device)
+                                               if device.type == "cuda" else "cpu",
+                                               "torch": torch.__version__, "results": dict(rows)}, indent=1))
 
 
 if __name__ == "__main__":

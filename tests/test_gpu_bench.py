@@ -1,0 +1,23 @@
+"""tools/gpu_bench.py wiring: its steps run (tiny, on the CPU) and land in the markdown and JSON reports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # three subprocesses importing torch: ~30 s
+def test_smoke_run_reports_every_kind_of_step(tmp_path):
+    cmd = [sys.executable, "tools/gpu_bench.py", "--smoke", "--out", str(tmp_path), "--only", "msda", "small_fp32",
+           "addon_dn"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert {k: v["status"] for k, v in data["steps"].items()} == {"msda": "ok", "small_fp32": "ok", "addon_dn": "ok"}
+    dn = data["results"]["addon_dn.json"]
+    assert dn["addon_flags"] == "--use_dn" and dn["ratio"] > 0
+    assert data["results"]["small_fp32.json"]["results"]["auto"]["train_step_s"] > 0
+    report = (tmp_path / "gpu_bench.md").read_text()
+    assert "| cpu-dec300 | cpu | float32 |" in report and "| dn | `--use_dn` |" in report and "| small_fp32 |" in report

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command (about 6 minutes on one H100/H200): builds the deformable-attention op for this
+# GPU's architecture only, then runs tools/gpu_bench.py (CUDA tests, the op on the encoder/decoder shapes in
+# fp32/bf16, R50 two-stage + refine 800x1333 batch 2 in fp32, bf16 and bf16 + --compile, DINO-4scale with
+# denoising, the small demo model, every add-on's side-by-side cost). Results: OUT/gpu_bench.md and .json.
+#   bash tools/gpu_bench.sh [OUT]      (default outputs/gpu_bench; extra arguments go to gpu_bench.py)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-outputs/gpu_bench}
+shift || true
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+echo "building the op for sm_${ARCH/./} only"
+start=$(date +%s)
+(cd models/ops && TORCH_CUDA_ARCH_LIST="$ARCH" FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace) \
+    > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; echo "op build failed: $OUT/build.txt"; exit 1; }
+echo "op built in $(( $(date +%s) - start )) s"
+exec $PY tools/gpu_bench.py --out "$OUT" "$@"
