@@ -75,3 +75,22 @@ def test_sgd_is_untouched():
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
     use_fused(opt, True)  # not an AdamW: nothing to switch
     assert not opt.param_groups[0].get("fused")
+
+
+def test_fp16_scaler_skips_a_non_finite_step_in_both_implementations():
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(torch.ones(4))]
+        optimizer = build_optimizer(params, _args(fused_optimizer=fused))
+        scaler = torch.amp.GradScaler("cpu")
+        for factor in (float("inf"), 1.0):  # the first step overflows: skipped, the scale halves
+            optimizer.zero_grad()
+            scaler.scale(params[0].sum() * factor).backward()
+            scaler.unscale_(optimizer)  # as engine.py does before clipping
+            scaler.step(optimizer)
+            scaler.update()
+            if factor != 1.0:
+                assert torch.equal(params[0].detach(), torch.ones(4)) and not optimizer.state[params[0]]
+        assert int(optimizer.state[params[0]]["step"]) == 1 and scaler.get_scale() == 32768.0
+        results.append(params[0].detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
