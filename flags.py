@@ -40,9 +40,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+", help="accepted, unused (as official)")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     g.add_argument("--sgd", action="store_true")
-    g.add_argument("--fused_optimizer", default=True, action=argparse.BooleanOptionalAction,
-                   help="AdamW in torch's fused kernel (one pass per parameter; the same update, last-bit rounding "
-                        "aside); --no-fused_optimizer: torch's default loop, as the official code")
+    g.add_argument("--fused_optimizer", default=False, action=argparse.BooleanOptionalAction,
+                   help="opt-in: AdamW in torch's fused kernel (one pass per parameter; the same formula, rounded "
+                        "differently in the last bit, so a run drifts from the official one); default: torch's "
+                        "loop, as the official code")
     g.add_argument("--amp", action="store_true", help="mixed precision (see --amp_dtype)")
     g.add_argument("--amp_dtype", default="bf16", type=_str2dtype, help="bf16 (no scaler) or fp16 (GradScaler)")
     g.add_argument("--use_fp16", action="store_true", help="H-DETR's flag: same as --amp --amp_dtype fp16")
