@@ -47,6 +47,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="mixed precision (see --amp_dtype)")
     g.add_argument("--amp_dtype", default="bf16", type=_str2dtype, help="bf16 (no scaler) or fp16 (GradScaler)")
     g.add_argument("--use_fp16", action="store_true", help="H-DETR's flag: same as --amp --amp_dtype fp16")
+    g.add_argument("--amp_backbone_half", action="store_true",
+                   help="opt-in, with --amp: the ResNet's frozen BatchNorm keeps the autocast dtype, so the backbone "
+                        "runs in bf16/fp16 (its maps are handed on in fp32); default: the fp32 BatchNorm promotes "
+                        "every backbone activation to fp32, as the official code")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ Parameter names follow the official Deformable-DETR (``backbone.0.body.*``).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,15 +25,25 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers."""
+    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
 
-    def __init__(self, n: int, eps: float = 1e-5) -> None:
+    Args:
+        n: channels.
+        eps: added to the variance.
+        keep_input_dtype: ``--amp_backbone_half``: scale and shift are computed from the fp32 buffers, then cast
+            to the input's dtype, so a bf16/fp16 activation (a conv under autocast) stays bf16/fp16; an fp32 input
+            gives bitwise the default's result. Off (official): the fp32 buffers promote the output to fp32, and
+            with it every later activation, ReLU and residual add of the ResNet.
+    """
+
+    def __init__(self, n: int, eps: float = 1e-5, *, keep_input_dtype: bool = False) -> None:
         super().__init__()
         self.register_buffer("weight", torch.ones(n))
         self.register_buffer("bias", torch.zeros(n))
         self.register_buffer("running_mean", torch.zeros(n))
         self.register_buffer("running_var", torch.ones(n))
         self.eps = eps
+        self.keep_input_dtype = keep_input_dtype
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -46,6 +57,8 @@ class FrozenBatchNorm2d(nn.Module):
         rv = self.running_var.reshape(1, -1, 1, 1)
         rm = self.running_mean.reshape(1, -1, 1, 1)
         scale = w * (rv + self.eps).rsqrt()
+        if self.keep_input_dtype:
+            return x * scale.to(x.dtype) + (b - rm * scale).to(x.dtype)
         return x * scale + (b - rm * scale)
 
 
@@ -117,24 +130,38 @@ def load_local_weights(module: nn.Module, path: str, name: str) -> None:
 class BackboneBase(nn.Module):
     """Runs a feature extractor and resizes the padding mask to every returned level.
 
+    Args:
+        body: the feature extractor (its parameter names are ``backbone.0.body.*``).
+        strides, num_channels: of every returned level.
+        channels_last: the body returns [B, H, W, C] maps (timm transformers); they are permuted to [B, C, H, W].
+        float_features: ``--amp_backbone_half``: the body ran in the autocast dtype; its maps are handed on in
+            fp32, the dtype the official fp32 BatchNorm gives them, so position encodings and everything after
+            the backbone see what they see without the flag (one cast per returned map).
+
     Attributes:
         strides: stride of every returned level.
         num_channels: channels of every returned level.
     """
 
-    def __init__(self, body: nn.Module, strides: list[int], num_channels: list[int], channels_last: bool) -> None:
+    def __init__(self, body: nn.Module, strides: list[int], num_channels: list[int], channels_last: bool, *,
+                 float_features: bool = False) -> None:
         super().__init__()
         self.body = body
         self.strides = strides
         self.num_channels = num_channels
         self.channels_last = channels_last
+        self.float_features = float_features
 
     def forward(self, tensor_list: NestedTensor) -> list[NestedTensor]:
+        """Feature maps [B, C_l, H_l, W_l] (NCHW) of every returned level, each with its [B, H_l, W_l] padding
+        mask (True = padding), nearest-resized from ``tensor_list.mask``."""
         feats = self.body(tensor_list.tensors)
         out = []
         for x in feats.values() if isinstance(feats, dict) else feats:
             if self.channels_last:  # timm transformers may return NHWC maps
                 x = x.permute(0, 3, 1, 2)
+            if self.float_features:  # bf16/fp16 -> fp32; an fp32 map is returned as is
+                x = x.float()
             mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
             out.append(NestedTensor(x.contiguous(), mask))
         return out
@@ -144,13 +171,17 @@ class ResNetBackbone(BackboneBase):
     """torchvision ResNet with FrozenBatchNorm2d; conv1 and layer1 are always frozen (official)."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 pretrained_path: str | None = None, from_scratch: bool = False, num_levels: int = 3) -> None:
+                 pretrained_path: str | None = None, from_scratch: bool = False, num_levels: int = 3, *,
+                 amp_backbone_half: bool = False) -> None:
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose from {RESNETS} or a timm model as timm:<name>")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"--dilation (DC5) needs a Bottleneck ResNet (resnet50/101); {name} has BasicBlocks")
+        if amp_backbone_half and from_scratch:
+            raise ValueError("--amp_backbone_half acts on the frozen BatchNorm; with --backbone_from_scratch the "
+                             "BatchNorm is trainable (and already keeps the autocast dtype)")
         # From scratch, frozen statistics would be an identity: train BatchNorm and every stage instead.
-        norm = nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d
+        norm = nn.BatchNorm2d if from_scratch else partial(FrozenBatchNorm2d, keep_input_dtype=amp_backbone_half)
         net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                 norm_layer=norm)
         if pretrained_path:
@@ -168,7 +199,7 @@ class ResNetBackbone(BackboneBase):
             strides[-1] = 16
         channels = [self._out_channels(getattr(net, layer)) for layer in layers]
         body = IntermediateLayerGetter(net, return_layers={layer: str(i) for i, layer in enumerate(layers)})
-        super().__init__(body, strides, channels, channels_last=False)
+        super().__init__(body, strides, channels, channels_last=False, float_features=amp_backbone_half)
 
     @staticmethod
     def _out_channels(layer: nn.Sequential) -> int:
@@ -229,12 +260,15 @@ class Joiner(nn.Sequential):
 
 def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: float, num_feature_levels: int,
                    dilation: bool = False, pretrained_path: str | None = None, drop_path_rate: float = 0.0,
-                   from_scratch: bool = False, num_backbone_levels: int = 3) -> Joiner:
+                   from_scratch: bool = False, num_backbone_levels: int = 3,
+                   amp_backbone_half: bool = False) -> Joiner:
     """``name``: resnet18/34/50/101, or a timm model (``timm:<name>`` or a known alias like swin_tiny).
 
     ``from_scratch``: ResNets get trainable BatchNorm and all stages trained (no pretrained weights).
     ``num_backbone_levels``: stages returned when multi-scale: 3 (C3-C5, Deformable-DETR) or 4 (C2-C5,
     DINO 5-scale).
+    ``amp_backbone_half`` (ResNets with frozen BatchNorm): under autocast the body runs in the autocast dtype
+    (see FrozenBatchNorm2d).
     """
     train_backbone = lr_backbone > 0
     multi_scale = num_feature_levels > 1
@@ -246,11 +280,14 @@ def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: flo
                        " (trainable BatchNorm, every stage trained)" if name in RESNETS else "")
     if name in RESNETS:
         body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path, from_scratch,
-                              num_backbone_levels)
+                              num_backbone_levels, amp_backbone_half=amp_backbone_half)
     else:
         timm_name = name.removeprefix("timm:")
         if dilation:
             raise ValueError("--dilation (DC5) is only available for ResNet backbones")
+        if amp_backbone_half:
+            raise ValueError("--amp_backbone_half acts on the frozen BatchNorm of the ResNet backbones; "
+                             f"--backbone {name} has none")
         body = TimmBackbone(timm_name, train_backbone, multi_scale, pretrained_path, drop_path_rate,
                             num_backbone_levels)
     return Joiner(body, position_embedding)

@@ -189,7 +189,8 @@ def single_scale_backbone(args: Any, temperature: float) -> Joiner:
     position_embedding = build_position_encoding(args.hidden_dim, args.position_embedding, temp_h, temp_w, 0.0)
     return build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone, num_feature_levels=1,
                           dilation=args.dilation, pretrained_path=args.pretrained_backbone_path,
-                          drop_path_rate=args.drop_path_rate, from_scratch=args.backbone_from_scratch)
+                          drop_path_rate=args.drop_path_rate, from_scratch=args.backbone_from_scratch,
+                          amp_backbone_half=args.amp_backbone_half)
 
 
 def single_scale_criterion(args: Any, addons: list, giou_eps: float = 0.0) -> SetCriterion:

@@ -86,7 +86,8 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, reque
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone,
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
-                              from_scratch=args.backbone_from_scratch, num_backbone_levels=num_backbone_levels)
+                              from_scratch=args.backbone_from_scratch, num_backbone_levels=num_backbone_levels,
+                              amp_backbone_half=args.amp_backbone_half)
     model = AnchorDeformableDETR(backbone, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
                                  num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                                  share_class_head=share_class_head, share_box_head=share_box_head,

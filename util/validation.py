@@ -98,6 +98,24 @@ def flag_problems(args: Any) -> list[str]:
     if crop is not None and min(crop) >= 1 and crop[0] > crop[1]:
         problems.append(f"--crop_size MIN MAX needs MIN <= MAX, got {crop[0]} {crop[1]}")
     problems += run_flag_problems(v)
+    problems += backbone_flag_problems(v)
+    return problems
+
+
+def backbone_flag_problems(v: dict[str, Any]) -> list[str]:
+    """Backbone speed flags on a model without the part they act on: --amp_backbone_half needs the frozen
+    BatchNorm of a ResNet (not YOLOS, a ViT; not timm backbones; not --backbone_from_scratch)."""
+    problems: list[str] = []
+    on = [f"--{dest}" for dest in ("amp_backbone_half",) if v.get(dest)]
+    if on and v.get("model") == "yolos":
+        problems.append(f"{'/'.join(on)}: -m yolos is a plain ViT, with no CNN backbone or BatchNorm to act on")
+    elif v.get("amp_backbone_half"):
+        if v.get("backbone") not in (None, "resnet18", "resnet34", "resnet50", "resnet101"):
+            problems.append(f"--amp_backbone_half acts on the frozen BatchNorm of --backbone resnet18/34/50/101, got "
+                            f"{v['backbone']} (which has none)")
+        elif v.get("backbone_from_scratch"):
+            problems.append("--amp_backbone_half acts on the frozen BatchNorm; with --backbone_from_scratch it is "
+                            "trainable (nn.BatchNorm2d, which already keeps the autocast dtype)")
     return problems
 
 
