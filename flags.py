@@ -51,6 +51,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="opt-in, with --amp: the ResNet's frozen BatchNorm keeps the autocast dtype, so the backbone "
                         "runs in bf16/fp16 (its maps are handed on in fp32); default: the fp32 BatchNorm promotes "
                         "every backbone activation to fp32, as the official code")
+    g.add_argument("--channels_last", action="store_true",
+                   help="opt-in: the CNN backbone runs in the channels-last memory format (faster bf16/fp16 convs on "
+                        "tensor-core GPUs; convs round differently); checkpoints load with and without it")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

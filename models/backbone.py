@@ -133,7 +133,11 @@ class BackboneBase(nn.Module):
     Args:
         body: the feature extractor (its parameter names are ``backbone.0.body.*``).
         strides, num_channels: of every returned level.
-        channels_last: the body returns [B, H, W, C] maps (timm transformers); they are permuted to [B, C, H, W].
+        nhwc_output: the body returns [B, H, W, C] maps (timm transformers); they are permuted to [B, C, H, W].
+        channels_last: ``--channels_last``: the body's weights are converted to the channels-last memory format
+            here, once (names, shapes and values unchanged: state dicts load both ways), and its input image
+            before every call, so that convs on tensor cores need no NCHW<->NHWC transposes. The returned
+            maps are made contiguous (NCHW) as without the flag: the rest of the model runs its usual layout.
         float_features: ``--amp_backbone_half``: the body ran in the autocast dtype; its maps are handed on in
             fp32, the dtype the official fp32 BatchNorm gives them, so position encodings and everything after
             the backbone see what they see without the flag (one cast per returned map).
@@ -143,25 +147,31 @@ class BackboneBase(nn.Module):
         num_channels: channels of every returned level.
     """
 
-    def __init__(self, body: nn.Module, strides: list[int], num_channels: list[int], channels_last: bool, *,
-                 float_features: bool = False) -> None:
+    def __init__(self, body: nn.Module, strides: list[int], num_channels: list[int], nhwc_output: bool, *,
+                 channels_last: bool = False, float_features: bool = False) -> None:
         super().__init__()
+        if channels_last:
+            body.to(memory_format=torch.channels_last)  # 4-d weights only; 1-d BatchNorm buffers are unaffected
         self.body = body
         self.strides = strides
         self.num_channels = num_channels
+        self.nhwc_output = nhwc_output
         self.channels_last = channels_last
         self.float_features = float_features
 
     def forward(self, tensor_list: NestedTensor) -> list[NestedTensor]:
         """Feature maps [B, C_l, H_l, W_l] (NCHW) of every returned level, each with its [B, H_l, W_l] padding
         mask (True = padding), nearest-resized from ``tensor_list.mask``."""
-        feats = self.body(tensor_list.tensors)
+        images = tensor_list.tensors  # [B, 3, H, W]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = self.body(images)
         out = []
         for x in feats.values() if isinstance(feats, dict) else feats:
-            if self.channels_last:  # timm transformers may return NHWC maps
+            if self.nhwc_output:  # timm transformers may return NHWC maps
                 x = x.permute(0, 3, 1, 2)
-            if self.float_features:  # bf16/fp16 -> fp32; an fp32 map is returned as is
-                x = x.float()
+            if self.float_features:  # bf16/fp16 -> fp32 and NCHW in one copy; an fp32 NCHW map is returned as is
+                x = x.to(torch.float32, memory_format=torch.contiguous_format)
             mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
             out.append(NestedTensor(x.contiguous(), mask))
         return out
@@ -172,7 +182,7 @@ class ResNetBackbone(BackboneBase):
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
                  pretrained_path: str | None = None, from_scratch: bool = False, num_levels: int = 3, *,
-                 amp_backbone_half: bool = False) -> None:
+                 amp_backbone_half: bool = False, channels_last: bool = False) -> None:
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose from {RESNETS} or a timm model as timm:<name>")
         if dilation and name in ("resnet18", "resnet34"):
@@ -199,7 +209,8 @@ class ResNetBackbone(BackboneBase):
             strides[-1] = 16
         channels = [self._out_channels(getattr(net, layer)) for layer in layers]
         body = IntermediateLayerGetter(net, return_layers={layer: str(i) for i, layer in enumerate(layers)})
-        super().__init__(body, strides, channels, channels_last=False, float_features=amp_backbone_half)
+        super().__init__(body, strides, channels, nhwc_output=False, channels_last=channels_last,
+                         float_features=amp_backbone_half)
 
     @staticmethod
     def _out_channels(layer: nn.Sequential) -> int:
@@ -221,7 +232,8 @@ class TimmBackbone(BackboneBase):
     }
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool,
-                 pretrained_path: str | None = None, drop_path_rate: float = 0.0, num_levels: int = 3) -> None:
+                 pretrained_path: str | None = None, drop_path_rate: float = 0.0, num_levels: int = 3, *,
+                 channels_last: bool = False) -> None:
         import timm  # imported lazily: only timm backbones need it
 
         model_name = self.ALIASES.get(name, name)
@@ -241,7 +253,7 @@ class TimmBackbone(BackboneBase):
             body.requires_grad_(False)
         fmt = getattr(body, "output_fmt", "NCHW")
         super().__init__(body, body.feature_info.reduction(), body.feature_info.channels(),
-                         channels_last=str(fmt).endswith("NHWC"))
+                         nhwc_output=str(fmt).endswith("NHWC"), channels_last=channels_last)
 
 
 class Joiner(nn.Sequential):
@@ -260,15 +272,15 @@ class Joiner(nn.Sequential):
 
 def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: float, num_feature_levels: int,
                    dilation: bool = False, pretrained_path: str | None = None, drop_path_rate: float = 0.0,
-                   from_scratch: bool = False, num_backbone_levels: int = 3,
-                   amp_backbone_half: bool = False) -> Joiner:
+                   from_scratch: bool = False, num_backbone_levels: int = 3, amp_backbone_half: bool = False,
+                   channels_last: bool = False) -> Joiner:
     """``name``: resnet18/34/50/101, or a timm model (``timm:<name>`` or a known alias like swin_tiny).
 
     ``from_scratch``: ResNets get trainable BatchNorm and all stages trained (no pretrained weights).
     ``num_backbone_levels``: stages returned when multi-scale: 3 (C3-C5, Deformable-DETR) or 4 (C2-C5,
     DINO 5-scale).
     ``amp_backbone_half`` (ResNets with frozen BatchNorm): under autocast the body runs in the autocast dtype
-    (see FrozenBatchNorm2d).
+    (see FrozenBatchNorm2d). ``channels_last``: the body runs in the channels-last memory format (see BackboneBase).
     """
     train_backbone = lr_backbone > 0
     multi_scale = num_feature_levels > 1
@@ -280,7 +292,7 @@ def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: flo
                        " (trainable BatchNorm, every stage trained)" if name in RESNETS else "")
     if name in RESNETS:
         body = ResNetBackbone(name, train_backbone, multi_scale, dilation, pretrained_path, from_scratch,
-                              num_backbone_levels, amp_backbone_half=amp_backbone_half)
+                              num_backbone_levels, amp_backbone_half=amp_backbone_half, channels_last=channels_last)
     else:
         timm_name = name.removeprefix("timm:")
         if dilation:
@@ -289,5 +301,5 @@ def build_backbone(name: str, position_embedding: nn.Module, *, lr_backbone: flo
             raise ValueError("--amp_backbone_half acts on the frozen BatchNorm of the ResNet backbones; "
                              f"--backbone {name} has none")
         body = TimmBackbone(timm_name, train_backbone, multi_scale, pretrained_path, drop_path_rate,
-                            num_backbone_levels)
+                            num_backbone_levels, channels_last=channels_last)
     return Joiner(body, position_embedding)

@@ -190,7 +190,7 @@ def single_scale_backbone(args: Any, temperature: float) -> Joiner:
     return build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone, num_feature_levels=1,
                           dilation=args.dilation, pretrained_path=args.pretrained_backbone_path,
                           drop_path_rate=args.drop_path_rate, from_scratch=args.backbone_from_scratch,
-                          amp_backbone_half=args.amp_backbone_half)
+                          amp_backbone_half=args.amp_backbone_half, channels_last=args.channels_last)
 
 
 def single_scale_criterion(args: Any, addons: list, giou_eps: float = 0.0) -> SetCriterion:

@@ -87,7 +87,7 @@ def build_anchor_detr(args: Any, transformer: AnchorDeformableTransformer, reque
                               num_feature_levels=args.num_feature_levels, dilation=args.dilation,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
                               from_scratch=args.backbone_from_scratch, num_backbone_levels=num_backbone_levels,
-                              amp_backbone_half=args.amp_backbone_half)
+                              amp_backbone_half=args.amp_backbone_half, channels_last=args.channels_last)
     model = AnchorDeformableDETR(backbone, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
                                  num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
                                  share_class_head=share_class_head, share_box_head=share_box_head,

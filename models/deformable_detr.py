@@ -272,7 +272,7 @@ def build_deformable_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str,
                               pretrained_path=args.pretrained_backbone_path, drop_path_rate=args.drop_path_rate,
                               from_scratch=args.backbone_from_scratch,
                               num_backbone_levels=backbone_levels(args.num_feature_levels),
-                              amp_backbone_half=args.amp_backbone_half)
+                              amp_backbone_half=args.amp_backbone_half, channels_last=args.channels_last)
     model = DeformableDETR(backbone, build_deformable_transformer(args, request), num_classes=args.num_classes,
                            num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                            aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,

@@ -178,7 +178,7 @@ def build_detr(args: Any) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]
     backbone = build_backbone(args.backbone, position_embedding, lr_backbone=args.lr_backbone, num_feature_levels=1,
                               dilation=args.dilation, pretrained_path=args.pretrained_backbone_path,
                               drop_path_rate=args.drop_path_rate, from_scratch=args.backbone_from_scratch,
-                              amp_backbone_half=args.amp_backbone_half)
+                              amp_backbone_half=args.amp_backbone_half, channels_last=args.channels_last)
     transformer = DetrTransformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                                   num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                                   dropout=args.dropout, normalize_before=args.pre_norm)

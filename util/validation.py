@@ -103,10 +103,10 @@ def flag_problems(args: Any) -> list[str]:
 
 
 def backbone_flag_problems(v: dict[str, Any]) -> list[str]:
-    """Backbone speed flags on a model without the part they act on: --amp_backbone_half needs the frozen
-    BatchNorm of a ResNet (not YOLOS, a ViT; not timm backbones; not --backbone_from_scratch)."""
+    """Backbone speed flags on a model without the part they act on: YOLOS (a ViT: no CNN body, no BatchNorm);
+    --amp_backbone_half also on backbones without frozen BatchNorm (timm, --backbone_from_scratch)."""
     problems: list[str] = []
-    on = [f"--{dest}" for dest in ("amp_backbone_half",) if v.get(dest)]
+    on = [f"--{dest}" for dest in ("amp_backbone_half", "channels_last") if v.get(dest)]
     if on and v.get("model") == "yolos":
         problems.append(f"{'/'.join(on)}: -m yolos is a plain ViT, with no CNN backbone or BatchNorm to act on")
     elif v.get("amp_backbone_half"):

@@ -1,5 +1,5 @@
-"""--amp_backbone_half: off, the backbone is bitwise the official one; on, the ResNet runs in the autocast dtype and
-trains; YOLOS, timm backbones and --backbone_from_scratch (no frozen BatchNorm) refuse it before anything is built."""
+"""--amp_backbone_half and --channels_last: off, the backbone is bitwise the official one; on, it trains, its state
+dict is the default's, and YOLOS (no CNN body) refuses them before anything is built."""
 from __future__ import annotations
 
 import functools
@@ -115,9 +115,89 @@ def test_amp_backbone_half_without_autocast_is_bitwise_the_default():
     assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
 
 
+# --channels_last ------------------------------------------------------------------------------------------------
+def test_channels_last_backbone_matches_the_default():
+    model, _, _ = build_model(tiny_args("--channels_last"))
+    default, _, _ = build_model(tiny_args())
+    assert list(model.state_dict()) == list(default.state_dict())  # names unchanged
+    default.load_state_dict(model.state_dict(), strict=True)
+    body = model.backbone[0].body
+    assert body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not default.backbone[0].body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = _images()
+    with torch.no_grad():
+        (feats, pos), (ref_feats, ref_pos) = model.backbone(images), default.backbone(images)
+    for f, ref, p, ref_p in zip(feats, ref_feats, pos, ref_pos):
+        assert f.tensors.is_contiguous()  # handed on in the default (NCHW) layout
+        torch.testing.assert_close(f.tensors, ref.tensors, rtol=1e-4, atol=1e-5)
+        assert torch.equal(f.mask, ref.mask) and torch.equal(p, ref_p)
+
+
+@pytest.mark.parametrize("amp", [(), ("--amp", "--amp_backbone_half")], ids=["fp32", "bf16_backbone_half"])
+def test_channels_last_trains(amp):
+    model, loss, grads = _step("--channels_last", *amp)
+    _, ref_loss, ref_grads = _step(*amp)
+    assert torch.isfinite(loss) and grads.keys() == ref_grads.keys()
+    torch.testing.assert_close(loss, ref_loss, **({"rtol": 1e-5, "atol": 0} if not amp else BF16))
+    w = model.backbone[0].body.layer4[0].conv1.weight
+    assert w.grad.is_contiguous(memory_format=torch.channels_last)  # the gradient follows the weight's layout
+
+
+def test_channels_last_checkpoint_loads_strictly_without_the_flag(tmp_path):
+    model, _, _ = build_model(tiny_args("--channels_last"))
+    torch.save({"model": model.state_dict()}, tmp_path / "checkpoint.pth")
+    plain, _, _ = build_model(tiny_args())
+    plain.load_state_dict(torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"], strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+    assert plain.backbone[0].body.conv1.weight.is_contiguous()  # loading keeps the model's own layout
+    back, _, _ = build_model(tiny_args("--channels_last"))  # and the other way round
+    back.load_state_dict(plain.state_dict(), strict=True)
+    assert back.backbone[0].body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_compiles():
+    """--compile traces the channels-last body (AOT autograd: strides are part of the trace); the body alone is run,
+    so only it is traced (compilation is lazy)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    compiled, _, _ = build_model(tiny_args("--channels_last", "--compile", "--compile_backend", "aot_eager"))
+    model, _, _ = build_model(tiny_args("--channels_last"))
+    model.load_state_dict(compiled.state_dict(), strict=True)
+    images = _images()
+    try:
+        outs = [[f.tensors for f in m.backbone[0](images)] for m in (compiled, model)]
+        for feats in outs:
+            sum(f.square().mean() for f in feats).backward()
+    finally:
+        torch._dynamo.reset()
+    for f, ref in zip(*outs):
+        assert f.is_contiguous()
+        torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-5)
+    for (name, p), ref in zip(compiled.backbone.named_parameters(), model.backbone.parameters()):
+        assert (p.grad is None) == (ref.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_run_with_both_flags_resumes_and_evaluates_without_them(tmp_path):
+    import main as main_module
+    from flags import finalize_args, get_args_parser
+    from tests.conftest import synthetic_flags
+
+    def run(*flags: str) -> dict:
+        return main_module.main(finalize_args(get_args_parser().parse_args(synthetic_flags(tmp_path, "out", *flags))))
+
+    flags = ("--amp", "--amp_backbone_half", "--channels_last")
+    log = run("--epochs", "1", *flags)
+    ckpt = str(tmp_path / "out" / "checkpoint.pth")
+    assert run("--eval", "--resume", ckpt, *flags)["test_coco_eval_bbox"] == log["test_coco_eval_bbox"]
+    assert "test_coco_eval_bbox" in run("--eval", "--resume", ckpt)  # a plain model: the state dict loads strictly
+
+
 # refusals --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (("-m", "yolos", "--amp_backbone_half"), "--amp_backbone_half: -m yolos is a plain ViT"),
+    (("-m", "yolos", "--channels_last"), "--channels_last: -m yolos is a plain ViT"),
     (("--amp_backbone_half", "--backbone", "swin_tiny"), "--amp_backbone_half acts on the frozen BatchNorm"),
     (("--amp_backbone_half", "--backbone_from_scratch"), "--backbone_from_scratch"),
 ])
@@ -135,6 +215,7 @@ def test_refused_before_anything_is_built(flags, message, monkeypatch):
         build_model(tiny_args(*flags))
 
 
-@pytest.mark.parametrize("flags", [("--amp_backbone_half",), ("-m", "detr", "--amp_backbone_half")])
+@pytest.mark.parametrize("flags", [("--channels_last", "--backbone_from_scratch"), ("--amp_backbone_half",),
+                                   ("-m", "detr", "--amp_backbone_half", "--channels_last")])
 def test_accepted(flags):
     validate_args(tiny_args(*flags))
