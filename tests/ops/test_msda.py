@@ -242,3 +242,36 @@ def test_cuda_zero_queries_and_cpu_agreement():
         out_cpu, _ = forward_backward("cpu", *inputs)
         out_cuda, _ = forward_backward("cuda", *(t.cuda() for t in inputs))
         torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-5, atol=1e-6)
+
+
+# Launch settings of the CUDA kernel (DETR_MSDA_CUDA_TUNING): one point slice (the encoder's layout), forced
+# slices (a decoder's layout on a large GPU), narrower vectors, and the 16-byte half-precision backward.
+CUDA_LAUNCH_SETTINGS = ["point_lanes=1", "point_lanes=2", "point_lanes=32", "point_lanes=4,fwd_vec_bytes=8",
+                        "bwd_vec_bytes=16", "point_lanes=8,fwd_vec_bytes=4,bwd_vec_bytes=4"]
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("setting", CUDA_LAUNCH_SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["d32", "d30", "one_head_query_split"])
+def test_cuda_launch_settings_match_reference(monkeypatch, setting, dtype, case):
+    monkeypatch.setenv("DETR_MSDA_CUDA_TUNING", setting)
+    inputs = make_inputs(*CASES[case], dtype=dtype, device="cuda")
+    if dtype == torch.float64:
+        tolerances = (1e-12,) * 4
+    elif dtype == torch.float32:
+        tolerances = (FP32_GRAD_TOLERANCE,) * 4
+    else:
+        tolerances = (HALF_TOLERANCE[dtype],) * 2 + (FP32_GRAD_TOLERANCE,) * 2
+    assert_matches_reference(inputs, "cuda", tolerances)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("setting", ["point_lanes=3", "lanes=4", "point_lanes", "fwd_vec_bytes=32"])
+def test_cuda_bad_launch_setting_is_named(monkeypatch, setting):
+    monkeypatch.setenv("DETR_MSDA_CUDA_TUNING", setting)
+    value, shapes, starts, loc, attn = make_inputs(*CASES["d32"], dtype=torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match="DETR_MSDA_CUDA_TUNING"):
+        ms_deform_attn(value, shapes, starts, loc, attn, impl="cuda")
