@@ -17,10 +17,15 @@ of the memory-traffic floor (compulsory bytes at the measured device-to-device c
 
     python tools/benchmark_msda.py                        # CPU cases, or GPU cases with a GPU
     python tools/benchmark_msda.py --cases cpu-enc --repeats 15 --json out.json
+    python tools/benchmark_msda.py --cases dec300 --tunings point_lanes=1 "point_lanes=1,bwd_vec_bytes=16"
+
+--tunings adds the CUDA kernel under other launch settings (DETR_MSDA_CUDA_TUNING, see
+models/ops/src/cuda/ms_deform_attn_cuda.cu), named "cuda:<setting>", side by side with its defaults.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -104,6 +109,27 @@ def make_inputs(case: str, dtype: torch.dtype, locations: str, device: str, seed
     attn = torch.randn(batch, len_q, heads, levels * points, generator=gen).softmax(-1)
     attn = attn.view(batch, len_q, heads, levels, points)
     return value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device), attn.to(device)
+
+
+TUNING_VARIABLE = "DETR_MSDA_CUDA_TUNING"
+
+
+@contextlib.contextmanager
+def launch_settings(impl: str):
+    """For "cuda:<setting>", the CUDA kernel's launch setting in the environment (read at every call)."""
+    _, _, setting = impl.partition(":")
+    previous = os.environ.get(TUNING_VARIABLE)
+    if setting:
+        os.environ[TUNING_VARIABLE] = setting
+    else:
+        os.environ.pop(TUNING_VARIABLE, None)
+    try:
+        yield impl.partition(":")[0]
+    finally:
+        if previous is None:
+            os.environ.pop(TUNING_VARIABLE, None)
+        else:
+            os.environ[TUNING_VARIABLE] = previous
 
 
 class Timer:
@@ -193,13 +219,14 @@ def case_functions(case: str, dtype: torch.dtype, locations: str, impls: list[st
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device, dtype=dtype)
 
     def forward(impl: str):
-        with torch.no_grad():
-            return ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
+        with torch.no_grad(), launch_settings(impl) as name:
+            return ms_deform_attn(value, shapes, starts, loc, attn, impl=name)
 
     def forward_backward(impl: str):
         v, lc, a = leaves[impl]
-        out = ms_deform_attn(v, shapes, starts, lc, a, impl=impl)
-        torch.autograd.backward(out, grad, inputs=[v, lc, a])
+        with launch_settings(impl) as name:
+            out = ms_deform_attn(v, shapes, starts, lc, a, impl=name)
+            torch.autograd.backward(out, grad, inputs=[v, lc, a])
         v.grad = lc.grad = a.grad = None
 
     return inputs, forward, forward_backward
@@ -246,7 +273,8 @@ def measure_memory(results: list[Result], device: str) -> None:
 
 def print_table(results: list[Result]) -> None:
     ref = {(r.case, r.dtype, r.locations): r for r in results if r.impl == "pytorch"}
-    head = (f"{'case':<11}{'locations':<10}{'dtype':<9}{'impl':<8}{'fwd ms':>9}{'fwd+bwd ms':>11}"
+    width = max([8] + [len(r.impl) + 1 for r in results])
+    head = (f"{'case':<11}{'locations':<10}{'dtype':<9}{'impl':<{width}}{'fwd ms':>9}{'fwd+bwd ms':>11}"
             f"{'x fwd':>8}{'x f+b':>8}{'peak MB':>9}  {'ns/sample or % of floor (fwd, fwd+bwd)'}")
     print(head)
     print("-" * len(head))
@@ -260,7 +288,7 @@ def print_table(results: list[Result]) -> None:
             extra = f"{100 * r.floor_fraction_fwd:.0f}%, {100 * r.floor_fraction_fwd_bwd:.0f}%"
         else:
             extra = ""
-        print(f"{r.case:<11}{r.locations:<10}{r.dtype:<9}{r.impl:<8}{r.fwd_ms:>9.3f}{r.fwd_bwd_ms:>11.3f}"
+        print(f"{r.case:<11}{r.locations:<10}{r.dtype:<9}{r.impl:<{width}}{r.fwd_ms:>9.3f}{r.fwd_bwd_ms:>11.3f}"
               f"{speed}{peak}  {extra}")
 
 
@@ -270,6 +298,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="default: the device's cases")
     parser.add_argument("--impls", nargs="+", choices=["pytorch", "cpu", "cuda"],
                         help="default: every implementation available on the device")
+    parser.add_argument("--tunings", nargs="+", default=[],
+                        help="also time the CUDA kernel under these DETR_MSDA_CUDA_TUNING settings, e.g. point_lanes=1")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, float32 and bfloat16 on GPU")
     parser.add_argument("--locations", nargs="+", default=["encoder", "random"], choices=["encoder", "random"])
@@ -282,6 +312,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
     impls = args.impls or available_impls(args.device)[::-1]  # reference first
+    if args.tunings:
+        if "cuda" not in available_impls(args.device):
+            parser.error("--tunings needs the CUDA kernel on a CUDA device")
+        impls = impls + [f"cuda:{setting}" for setting in args.tunings]
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"]))]
     warmup = args.warmup if args.warmup is not None else (20 if gpu else 2)
     repeats = args.repeats if args.repeats is not None else (100 if gpu else 7)
