@@ -34,6 +34,8 @@ ADDONS = {
     "od": ("--addons od", "--use_ema"),
     "co_detr": ("--addons co_detr", ""),
 }
+# The opt-in speed flags (each changes numerics against the official code: README "Deliberate differences")
+SPEED_OPT_INS = "--amp_backbone_half --channels_last --fused_optimizer"
 # DETR_MSDA_CUDA_TUNING settings timed beside the defaults: the layout before point slices and 8-byte half backward
 LAUNCH_SETTINGS = ["point_lanes=1", "point_lanes=1,bwd_vec_bytes=16"]
 
@@ -83,7 +85,8 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
     bench = [py, "tools/benchmark.py", *model.split(), "--bench_size", *size, "--bench_batch", batch, *iters]
     steps = [("cuda_tests", tests, 240, ""),
              ("msda", msda + ["--json", "{out}/msda.json"], 120, "msda.json")]
-    for name, extra in (("r50_two_stage_fp32", []), ("r50_two_stage_bf16", ["--amp", "--amp_dtype", "bf16"])):
+    for name, extra in (("r50_two_stage_fp32", []), ("r50_two_stage_bf16", ["--amp", "--amp_dtype", "bf16"]),
+                        ("r50_two_stage_bf16_optins", ["--amp", "--amp_dtype", "bf16", *SPEED_OPT_INS.split()])):
         steps.append((name, bench + TWO_STAGE.split() + extra + ["--json", f"{{out}}/{name}.json"], 150,
                       f"{name}.json"))
     small = [py, "tools/benchmark.py", *SMALL.split(), dev.split()[0], dev.split()[1], "--bench_size",
@@ -95,6 +98,9 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
         steps.append((f"addon_{name}", [py, "tools/addon_step_time.py", f"--model={model}",  # '=': values start with --
                                         f"--flags={TWO_STAGE} {base}".strip(), f"--addon_flags={flags}", *addon,
                                         "--json", f"{{out}}/addon_{name}.json"], 150, f"addon_{name}.json"))
+    steps.append(("small_fp32_compile", small + ["--compile", *(["--compile_backend", "eager"] if smoke else []),
+                                                 "--json", "{out}/small_fp32_compile.json"], 150,
+                  "small_fp32_compile.json"))
     steps.append(("r50_two_stage_bf16_compile",
                   bench + TWO_STAGE.split() + ["--amp", "--amp_dtype", "bf16", "--compile", "--bench_warmup", "3",
                                                *(["--compile_backend", "eager"] if smoke else []),
