@@ -4,7 +4,7 @@
     python tools/compare_step_time.py 39f92e9 --only small --rounds 8 --steps 3 --threads 1
 
 Each tree runs in its own long-lived worker process (the other commit in a temporary git worktree, with this
-tree's compiled op copied in: the op's sources must be the same in both, which is checked), building the same
+tree's compiled op copied in: the op's CPU sources must be the same in both, which is checked), building the same
 model from the same flags and seed and stepping on the same batch. Rounds alternate other, this, other, this,
 ... so that load from other processes hits both alike; a round times ``--steps`` training steps (forward with
 the targets, criterion, weighted total, backward, gradient clipping 0.1, AdamW step) after one untimed step.
@@ -103,9 +103,11 @@ def main() -> int:
     p.add_argument("--threads", default=0, type=int, help="torch threads of each worker (0: torch's default)")
     args = p.parse_args()
     ops = "models/ops"
-    if subprocess.run(["git", "diff", "--quiet", args.ref, "--", f"{ops}/src"], cwd=ROOT).returncode:
-        print(f"the deformable-attention sources differ between {args.ref} and this tree: the compiled op cannot be "
-              "shared; compare with the pure-PyTorch op instead (add --msda_impl pytorch to the flags)")
+    # The workers run on the CPU: the CPU kernel and the shared operator code must match (the CUDA part may differ).
+    cpu_sources = [f"{ops}/src/cpu", f"{ops}/src/ms_deform_attn.cpp", f"{ops}/src/ms_deform_attn.h"]
+    if subprocess.run(["git", "diff", "--quiet", args.ref, "--", *cpu_sources], cwd=ROOT).returncode:
+        print(f"the deformable-attention CPU sources differ between {args.ref} and this tree: the compiled op cannot "
+              "be shared; compare with the pure-PyTorch op instead (add --msda_impl pytorch to the flags)")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         other = Path(tmp) / "other"
