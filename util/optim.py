@@ -1,11 +1,4 @@
-"""The optimizer of a run: the seeds' AdamW (or SGD), as torch's multi-tensor loop; its fused kernel on request.
-
-Without ``--fused_optimizer`` AdamW runs torch's multi-tensor (foreach) implementation on every device. That is
-what ``torch.optim.AdamW(...)`` picks by itself for CUDA parameters, the official runs; for CPU parameters torch
-picks its per-parameter Python loop, which issues the same per-tensor operations one Python call at a time (the
-small benchmark model: 58 -> 43 ms of AdamW a step on one CPU thread). On the CPU the foreach operations have no
-fused kernels and apply those same per-tensor operations, so the result is bitwise the loop's
-(``tests/test_optim.py`` checks it against ``torch.optim.AdamW`` with torch's own choice).
+"""The optimizer of a run: the seeds' AdamW (or SGD); torch's fused AdamW kernel on request.
 
 The fused kernel (``--fused_optimizer``, opt-in) computes the seeds' AdamW update in one pass over each parameter
 instead of about eight (the small benchmark model: 16 ms instead of 42 ms a step on one CPU thread), but rounds
@@ -30,7 +23,7 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
 
 
 def build_optimizer(groups: Iterable[dict] | Iterable[torch.Tensor], args: Any) -> torch.optim.Optimizer:
-    """``--sgd``: SGD with momentum 0.9; else AdamW (torch's multi-tensor loop; fused with ``--fused_optimizer``)."""
+    """``--sgd``: SGD with momentum 0.9; else AdamW (torch's default loop; fused with ``--fused_optimizer``)."""
     groups = list(groups)
     if args.sgd:
         return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -40,11 +33,11 @@ def build_optimizer(groups: Iterable[dict] | Iterable[torch.Tensor], args: Any) 
 
 
 def use_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
-    """Switch an AdamW between the fused kernel and torch's multi-tensor loop, in place, also after a resume.
+    """Switch an AdamW between the fused kernel and torch's default loop, in place, also after a resume.
 
-    ``load_state_dict`` takes the implementation from the checkpoint's groups (an official checkpoint: torch's
-    choice); this puts back the one asked for and moves the step counters where it keeps them (fused: a float32
-    tensor on the parameter's device; the loops: on the CPU).
+    ``load_state_dict`` takes the implementation from the checkpoint's groups (an official checkpoint: the
+    default loop); this puts back the one asked for and moves the step counters where it keeps them (fused:
+    a float32 tensor on the parameter's device; the default loop: on the CPU).
     """
     if not isinstance(optimizer, torch.optim.AdamW):
         return
@@ -52,7 +45,7 @@ def use_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
     fused = fused and fused_supported(params)
     for group in optimizer.param_groups:
         group["fused"] = True if fused else None
-        group["foreach"] = not fused
+        group["foreach"] = False if fused else None
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             step = state.get("step")
