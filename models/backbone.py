@@ -62,19 +62,53 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + (b - rm * scale)
 
 
-class MaxPool2dCPUFast(nn.MaxPool2d):
-    """The ResNet stem's max pool, run on a channels-last copy on CPU.
+def _pair(v: int | tuple[int, ...]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
 
-    PyTorch's CPU max pool with indices is ~30x slower on NCHW than on NHWC maps (32 ms vs 0.9 ms for the small
-    benchmark model's 8x64x64x64 stem, 5 % of its training step); the two copies cost ~1 ms. The maxima and the
-    gradient are the same (a max is exact; ties only among post-ReLU zeros, whose gradient ReLU drops anyway).
-    Other devices run the plain pool.
+
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """Max pool of an NCHW map computed on a channels-last copy; the gradient by the NCHW backward kernel.
+
+    Only the forward is faster on channels-last: its backward (and, with a channels-last gradient, the ReLU
+    backward before it) is ~3x slower than NCHW's, so the output and the indices are returned NCHW and the
+    gradient is scattered by torch's NCHW kernel. The indices are flat positions in each channel's plane in both
+    layouts, and both kernels keep the first maximum of a window in the same scan order, so they are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> Tensor:
+        out, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding,
+                                    dilation, ceil_mode, return_indices=True)
+        indices = indices.contiguous()
+        ctx.save_for_backward(x, indices)
+        ctx.args = (_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), ceil_mode)
+        ctx.mark_non_differentiable(indices)
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, indices = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.args
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, kernel_size, stride, padding,
+                                                                 dilation, ceil_mode, indices)
+        return grad_x, None, None, None, None, None
+
+
+class MaxPool2dCPUFast(nn.MaxPool2d):
+    """The ResNet stem's max pool, its forward on a channels-last copy on CPU.
+
+    PyTorch's CPU max pool with indices is slower on NCHW than on NHWC maps (the small benchmark model's
+    8x64x64x64 stem, one thread: 15 ms vs 8 ms with the copies); its backward is fastest on NCHW, so the gradient
+    stays NCHW (``_ChannelsLastMaxPool``). The maxima, the indices and the gradient are bitwise the plain pool's
+    (tests/models/test_backbone.py). Other devices, and channels-last inputs, run the plain pool.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        if (x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last)
+                or self.return_indices):
             return super().forward(x)
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return _ChannelsLastMaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                          self.ceil_mode)
 
 
 def load_local_weights(module: nn.Module, path: str, name: str) -> None:

@@ -7,18 +7,26 @@ from models.backbone import MaxPool2dCPUFast, ResNetBackbone
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 17, 23), (1, 4, 32, 32)])
-def test_channels_last_pool_is_bitwise_the_plain_pool(shape):
+@pytest.mark.parametrize("pool_args", [dict(kernel_size=3, stride=2, padding=1),  # the ResNet stem's
+                                       dict(kernel_size=2, stride=2, ceil_mode=True),
+                                       dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=2)])
+def test_channels_last_pool_is_bitwise_the_plain_pool(shape, pool_args):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).relu()  # post-ReLU: many tied zeros, as in the stem
     x[0, 0, :4, :4] = 1.5  # tied positive maxima too
-    fast, plain = MaxPool2dCPUFast(3, 2, 1), nn.MaxPool2d(3, 2, 1)
+    fast, plain = MaxPool2dCPUFast(**pool_args), nn.MaxPool2d(**pool_args)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = fast(a), plain(b)
     assert ya.is_contiguous() and torch.equal(ya, yb)
     grad = torch.randn(ya.shape, generator=g)
     ya.backward(grad)
     yb.backward(grad)
-    assert torch.equal(a.grad, b.grad)
+    # bitwise, and NCHW: a channels-last gradient made the ReLU backward before the pool ~3x slower
+    assert a.grad.is_contiguous() and torch.equal(a.grad, b.grad)
+    _, indices = nn.functional.max_pool2d(x, **pool_args, return_indices=True)
+    _, fast_indices = nn.functional.max_pool2d(x.contiguous(memory_format=torch.channels_last), **pool_args,
+                                               return_indices=True)
+    assert torch.equal(fast_indices.contiguous(), indices)  # the same maximum kept in each window
 
 
 def test_every_resnet_uses_it_without_new_state():
