@@ -37,7 +37,8 @@ ADDONS = {
 # The opt-in speed flags (each changes numerics against the official code: README "Deliberate differences")
 SPEED_OPT_INS = "--amp_backbone_half --channels_last --fused_optimizer"
 # DETR_MSDA_CUDA_TUNING settings timed beside the defaults: the layout before point slices and 8-byte half backward
-LAUNCH_SETTINGS = ["point_lanes=1", "point_lanes=1,bwd_vec_bytes=16"]
+# and scalar atomics (the official kernel's; whether the vector ones suffer from the decoder's colliding updates)
+LAUNCH_SETTINGS = ["point_lanes=1", "point_lanes=1,bwd_vec_bytes=16", "vector_atomics=0"]
 
 
 def run(name: str, cmd: list[str], out: Path, timeout: float, log: dict) -> bool:

@@ -245,9 +245,9 @@ def test_cuda_zero_queries_and_cpu_agreement():
 
 
 # Launch settings of the CUDA kernel (DETR_MSDA_CUDA_TUNING): one point slice (the encoder's layout), forced
-# slices (a decoder's layout on a large GPU), narrower vectors, and the 16-byte half-precision backward.
+# slices (a decoder's layout on a large GPU), narrower vectors, the 16-byte half-precision backward, scalar atomics.
 CUDA_LAUNCH_SETTINGS = ["point_lanes=1", "point_lanes=2", "point_lanes=32", "point_lanes=4,fwd_vec_bytes=8",
-                        "bwd_vec_bytes=16", "point_lanes=8,fwd_vec_bytes=4,bwd_vec_bytes=4"]
+                        "bwd_vec_bytes=16", "point_lanes=8,fwd_vec_bytes=4,bwd_vec_bytes=4", "vector_atomics=0"]
 
 
 @pytest.mark.cuda
@@ -269,7 +269,7 @@ def test_cuda_launch_settings_match_reference(monkeypatch, setting, dtype, case)
 
 @pytest.mark.cuda
 @needs_cuda_kernel
-@pytest.mark.parametrize("setting", ["point_lanes=3", "lanes=4", "point_lanes", "fwd_vec_bytes=32"])
+@pytest.mark.parametrize("setting", ["point_lanes=3", "lanes=4", "point_lanes", "fwd_vec_bytes=32", "vector_atomics=2"])
 def test_cuda_bad_launch_setting_is_named(monkeypatch, setting):
     monkeypatch.setenv("DETR_MSDA_CUDA_TUNING", setting)
     value, shapes, starts, loc, attn = make_inputs(*CASES["d32"], dtype=torch.float32, device="cuda")

@@ -55,7 +55,8 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& shapes, const at::
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& shapes,
                                  const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn,
-                                 int64_t vec_bytes, int64_t point_lanes, int64_t target_threads) {
+                                 int64_t vec_bytes, int64_t point_lanes, int64_t target_threads,
+                                 bool vector_atomics) {
   const detr_msda::Problem pr = problem(value, loc);
   at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(detr_msda::accumulate_type(value.scalar_type())));
   at::Tensor grad_loc = at::full_like(loc, NAN);  // every element must be written by the kernel
@@ -65,7 +66,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
       using acc_t = acc_type_t<scalar_t>;
       const int vec = channels_per_lane<scalar_t>(pr.channels, {value.data_ptr(), grad_output.data_ptr()}, vec_bytes);
       const Params<scalar_t> p = make_params<scalar_t>(value, shapes, starts, loc, attn, pr, vec,
-                                                       point_lanes_of(point_lanes, pr, vec, target_threads));
+                                                       point_lanes_of(point_lanes, pr, vec, target_threads),
+                                                       vector_atomics);
       with_vec<scalar_t>(vec, [&](auto v) {
         auto* kernel = p.point_lanes > 1 ? backward_kernel<scalar_t, decltype(v)::value, true>
                                          : backward_kernel<scalar_t, decltype(v)::value, false>;

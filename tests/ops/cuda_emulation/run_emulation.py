@@ -32,26 +32,27 @@ EXTRA_CASES = {  # several channel passes per lane group, odd head dims, one lan
 }
 
 
-# Launch settings (DETR_MSDA_CUDA_TUNING on a GPU): (forward vector bytes, backward vector bytes, point lanes);
-# point lanes 0 = the GPU default for a GPU that holds TARGET_THREADS threads at once, which for these
-# small problems widens the groups as far as a warp allows (what a decoder gets on a real GPU).
+# Launch settings (DETR_MSDA_CUDA_TUNING on a GPU): (forward vector bytes, backward vector bytes, point lanes,
+# vector atomics); point lanes 0 = the GPU default for a GPU that holds TARGET_THREADS threads at once, which for
+# these small problems widens the groups as far as a warp allows (what a decoder gets on a real GPU). Vector
+# atomics only exist in the sm_90 build.
 TARGET_THREADS = 1 << 40
 TUNINGS = {
-    "one slice, 16 B": (16, 16, 1),  # the encoder's layout
-    "gpu default": (16, 0, 0),  # backward 8 B for 2-byte values
-    "2 slices, 8 B": (8, 8, 2),
-    "4 slices, 16 B": (16, 16, 4),
+    "one slice, 16 B": (16, 16, 1, True),  # the encoder's layout
+    "gpu default": (16, 0, 0, True),  # backward 8 B for 2-byte values
+    "2 slices, 8 B": (8, 8, 2, True),
+    "4 slices, 16 B": (16, 16, 4, False),  # scalar atomics
 }
 
 
 def emulated(ext, value, shapes, starts, loc, attn, grad_dtype, tuning):
-    fwd_bytes, bwd_bytes, point_lanes = tuning
+    fwd_bytes, bwd_bytes, point_lanes, vector_atomics = tuning
     if bwd_bytes == 0:
         bwd_bytes = 8 if value.element_size() == 2 else 16
     out = ext.forward(value, shapes, starts, loc, attn, fwd_bytes, point_lanes, TARGET_THREADS)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = ext.backward(grad.to(grad_dtype).to(out.dtype), value, shapes, starts, loc, attn, bwd_bytes, point_lanes,
-                         TARGET_THREADS)
+                         TARGET_THREADS, vector_atomics)
     return out, grads
 
 
@@ -94,7 +95,7 @@ def check_layouts(ext) -> bool:
     return ok
 
 
-def check_tuning(ext, arch: str, tuning_name: str, tuning: tuple[int, int, int]) -> bool:
+def check_tuning(ext, arch: str, tuning_name: str, tuning: tuple[int, int, int, bool]) -> bool:
     ok = True
     cases = {**CASES, **EXTRA_CASES}
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):

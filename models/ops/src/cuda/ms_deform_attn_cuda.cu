@@ -20,7 +20,7 @@
 // One launch for any batch size, 64-bit offsets.
 //
 // DETR_MSDA_CUDA_TUNING (for benchmarks; tools/benchmark_msda.py --tunings) overrides the launch
-// choices: "point_lanes=1|2|4|...,fwd_vec_bytes=16|8|4|2,bwd_vec_bytes=16|8|4|2", any subset.
+// choices: "point_lanes=1|2|4|...,fwd_vec_bytes=16|8|4|2,bwd_vec_bytes=16|8|4|2,vector_atomics=0|1", any subset.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -62,6 +62,7 @@ struct Tuning {
   int point_lanes = 0;    // 0: point_lanes_for (fill the GPU)
   int fwd_vec_bytes = 16;
   int bwd_vec_bytes = 0;  // 0: 16, or 8 for 2-byte values (see the layout notes above)
+  int vector_atomics = 1;  // backward: float4/float2 atomics on sm_90+ (0: scalar ones)
 };
 
 int parse_tuning_value(const std::string& key, const std::string& text, std::initializer_list<int> allowed) {
@@ -96,8 +97,11 @@ Tuning tuning_from_env() {
       t.fwd_vec_bytes = parse_tuning_value(key, value, {2, 4, 8, 16});
     } else if (key == "bwd_vec_bytes") {
       t.bwd_vec_bytes = parse_tuning_value(key, value, {2, 4, 8, 16});
+    } else if (key == "vector_atomics") {
+      t.vector_atomics = parse_tuning_value(key, value, {0, 1});
     } else {
-      TORCH_CHECK(false, kTuningVariable, ": unknown key '", key, "' (point_lanes, fwd_vec_bytes, bwd_vec_bytes)");
+      TORCH_CHECK(false, kTuningVariable, ": unknown key '", key,
+                  "' (point_lanes, fwd_vec_bytes, bwd_vec_bytes, vector_atomics)");
     }
   }
   return t;
@@ -186,8 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
       using acc_t = acc_type_t<scalar_t>;
       const int max_bytes = tuning.bwd_vec_bytes > 0 ? tuning.bwd_vec_bytes : (sizeof(scalar_t) == 2 ? 8 : 16);
       const int vec = channels_per_lane<scalar_t>(pr.channels, {value.data_ptr(), grad_output.data_ptr()}, max_bytes);
+      const int point_lanes = choose_point_lanes(tuning, pr, vec);
       const Params<scalar_t> p =
-          make_params<scalar_t>(value, shapes, starts, loc, attn, pr, vec, choose_point_lanes(tuning, pr, vec));
+          make_params<scalar_t>(value, shapes, starts, loc, attn, pr, vec, point_lanes, tuning.vector_atomics != 0);
       with_vec<scalar_t>(vec, [&](auto v) {
         auto* kernel = p.point_lanes > 1 ? backward_kernel<scalar_t, decltype(v)::value, true>
                                          : backward_kernel<scalar_t, decltype(v)::value, false>;

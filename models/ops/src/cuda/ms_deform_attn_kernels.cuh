@@ -45,29 +45,32 @@ __device__ __forceinline__ void store_vec(T* ptr, const Vec<T, kVec>& value) {
 __device__ __forceinline__ float floor_of(float x) { return floorf(x); }
 __device__ __forceinline__ double floor_of(double x) { return floor(x); }
 
-// dst[j] += weight * g[j] for the kVec channels of one lane.
+// dst[j] += weight * g[j] for the kVec channels of one lane: float4/float2 vector atomics on sm_90+ (CUDA 12.8+)
+// when `vector` (the default; DETR_MSDA_CUDA_TUNING=vector_atomics=0 times scalar ones), kVec scalar ones otherwise.
 template <int kVec>
-__device__ __forceinline__ void atomic_add_scaled(float* dst, float weight, const float* g) {
+__device__ __forceinline__ void atomic_add_scaled(float* dst, float weight, const float* g, bool vector) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && CUDART_VERSION >= 12080
-  if constexpr (kVec % 4 == 0) {
+  if (vector) {
+    if constexpr (kVec % 4 == 0) {
 #pragma unroll
-    for (int j = 0; j < kVec; j += 4) {
-      atomicAdd(reinterpret_cast<float4*>(dst + j),
-                make_float4(weight * g[j], weight * g[j + 1], weight * g[j + 2], weight * g[j + 3]));
+      for (int j = 0; j < kVec; j += 4) {
+        atomicAdd(reinterpret_cast<float4*>(dst + j),
+                  make_float4(weight * g[j], weight * g[j + 1], weight * g[j + 2], weight * g[j + 3]));
+      }
+    } else if constexpr (kVec == 2) {
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(weight * g[0], weight * g[1]));
+    } else {
+      atomicAdd(dst, weight * g[0]);
     }
-  } else if constexpr (kVec == 2) {
-    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(weight * g[0], weight * g[1]));
-  } else {
-    atomicAdd(dst, weight * g[0]);
+    return;
   }
-#else
+#endif
 #pragma unroll
   for (int j = 0; j < kVec; ++j) atomicAdd(dst + j, weight * g[j]);
-#endif
 }
 
 template <int kVec>
-__device__ __forceinline__ void atomic_add_scaled(double* dst, double weight, const double* g) {
+__device__ __forceinline__ void atomic_add_scaled(double* dst, double weight, const double* g, bool) {
 #pragma unroll
   for (int j = 0; j < kVec; ++j) atomicAdd(dst + j, weight * g[j]);
 }
@@ -89,6 +92,7 @@ struct Params {
   int heads, channels, levels, points;
   int lanes;        // channel lanes: threads that split a point's channels, a power of two
   int point_lanes;  // point slices: lane groups that split the (level, point) pairs, a power of two
+  bool vector_atomics;  // backward: float4/float2 atomics where the GPU has them
   // A (batch, query, head) takes lanes * point_lanes <= 32 consecutive threads of one warp.
 };
 
@@ -294,7 +298,8 @@ __global__ void __launch_bounds__(kThreads, 4)
           const Vec<scalar_t, kVec> v = load_vec<scalar_t, kVec>(p.value + level_offset + c.offset[corner]);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) dot[corner] += g[j] * static_cast<acc_t>(v.v[j]);
-          atomic_add_scaled<kVec>(grad_value + level_offset + c.offset[corner], a * c.weight[corner], g);
+          atomic_add_scaled<kVec>(grad_value + level_offset + c.offset[corner], a * c.weight[corner], g,
+                                  p.vector_atomics);
         }
         const acc_t hx = acc_t(1) - c.lx, hy = acc_t(1) - c.ly;
         grad_a = c.weight[0] * dot[0] + c.weight[1] * dot[1] + c.weight[2] * dot[2] + c.weight[3] * dot[3];
@@ -399,7 +404,7 @@ inline int fit_point_lanes(int point_lanes, int lanes, int pairs) {
 template <typename scalar_t>
 Params<scalar_t> make_params(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
                              const at::Tensor& loc, const at::Tensor& attn, const Problem& pr, int vec,
-                             int point_lanes) {
+                             int point_lanes, bool vector_atomics = true) {
   using acc_t = acc_type_t<scalar_t>;
   const int lanes = channel_lanes(pr.channels, vec);
   TORCH_CHECK(pr.heads * pr.channels < (int64_t(1) << 31) && pr.levels * pr.points < (int64_t(1) << 31),
@@ -410,7 +415,8 @@ Params<scalar_t> make_params(const at::Tensor& value, const at::Tensor& shapes, 
   return Params<scalar_t>{value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                           loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), pr.len_in, pr.len_q,
                           pr.batch * pr.len_q * pr.heads, static_cast<int>(pr.heads), static_cast<int>(pr.channels),
-                          static_cast<int>(pr.levels), static_cast<int>(pr.points), lanes, point_lanes};
+                          static_cast<int>(pr.levels), static_cast<int>(pr.points), lanes, point_lanes,
+                          vector_atomics};
 }
 
 template <typename scalar_t>
