@@ -21,3 +21,19 @@ def test_smoke_run_reports_every_kind_of_step(tmp_path):
     assert data["results"]["small_fp32.json"]["results"]["auto"]["train_step_s"] > 0
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| cpu-dec300 | cpu | float32 |" in report and "| dn | `--use_dn` |" in report and "| small_fp32 |" in report
+
+
+def test_launch_verdict_flags_a_faster_setting_only():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_bench import launch_verdict
+    rows = [{"case": "dec300", "dtype": "float32", "impl": "cuda", "fwd_bwd_ms": 0.50},
+            {"case": "dec300", "dtype": "float32", "impl": "cuda:point_lanes=1", "fwd_bwd_ms": 0.56},
+            {"case": "dec300", "dtype": "float32", "impl": "cuda:vector_atomics=0", "fwd_bwd_ms": 0.30},
+            {"case": "enc", "dtype": "bfloat16", "impl": "cuda", "fwd_bwd_ms": 1.00},
+            {"case": "enc", "dtype": "bfloat16", "impl": "cuda:point_lanes=1", "fwd_bwd_ms": 0.99},
+            {"case": "enc", "dtype": "bfloat16", "impl": "pytorch", "fwd_bwd_ms": 9.0}]
+    lines = [line for line in launch_verdict(rows) if line.startswith("- ")]
+    assert lines[0] == ("- dec300 float32: time against the defaults: point_lanes=1 x1.12, vector_atomics=0 x0.60. "
+                        "**vector_atomics=0 is faster: consider it as the default**")
+    assert lines[1] == "- enc bfloat16: time against the defaults: point_lanes=1 x0.99."  # within 3 %: no flag
+    assert launch_verdict(rows[3:4]) == []  # nothing timed beside the defaults

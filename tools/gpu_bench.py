@@ -114,6 +114,26 @@ def fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "—" if value is None else f"{value * scale:.{digits}f}"
 
 
+def launch_verdict(rows: list[dict]) -> list[str]:
+    """Per case and dtype, the CUDA kernel's defaults against the DETR_MSDA_CUDA_TUNING settings timed beside them:
+    which default the figures support (forward + backward; a setting that wins by more than 3 % is flagged)."""
+    by_key: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if r["impl"].startswith("cuda"):
+            by_key.setdefault((r["case"], r["dtype"]), {})[r["impl"]] = r["fwd_bwd_ms"]
+    lines = []
+    for (case, dtype), times in by_key.items():
+        if "cuda" not in times or len(times) < 2:
+            continue
+        best = min(times, key=times.get)
+        ratios = ", ".join(f"{k.removeprefix('cuda:')} x{times[k] / times['cuda']:.2f}" for k in times if k != "cuda")
+        flag = f" **{best.removeprefix('cuda:')} is faster: consider it as the default**" if (
+            best != "cuda" and times[best] < 0.97 * times["cuda"]) else ""
+        lines.append(f"- {case} {dtype}: time against the defaults: {ratios}.{flag}")
+    return ["", "Launch settings (`DETR_MSDA_CUDA_TUNING`, forward + backward time / the defaults' time):", "",
+            *lines] if lines else []
+
+
 def report(out: Path, log: dict, results: dict, smoke: bool) -> str:
     lines = [f"# tools/gpu_bench.py ({time.strftime('%Y-%m-%d')}{', smoke run on CPU' if smoke else ''})", ""]
     device = next((r.get("device_name") or r.get("device") for r in results.values() if isinstance(r, dict)
@@ -128,6 +148,7 @@ def report(out: Path, log: dict, results: dict, smoke: bool) -> str:
         for r in msda["results"]:
             lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                          f"{r['fwd_bwd_ms'] - r['fwd_ms']:.3f} |")
+        lines += launch_verdict(msda["results"])
     models = [k for k in results if k.startswith(("r50", "small", "dino")) and results[k]]
     if models:
         lines += ["", "## Training step and inference (targets: R50 two-stage + refine bf16 step <= 100 ms; the small "
