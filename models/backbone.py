@@ -100,12 +100,13 @@ class MaxPool2dCPUFast(nn.MaxPool2d):
     PyTorch's CPU max pool with indices is slower on NCHW than on NHWC maps (the small benchmark model's
     8x64x64x64 stem, one thread: 15 ms vs 8 ms with the copies); its backward is fastest on NCHW, so the gradient
     stays NCHW (``_ChannelsLastMaxPool``). The maxima, the indices and the gradient are bitwise the plain pool's
-    (tests/models/test_backbone.py). Other devices, and channels-last inputs, run the plain pool.
+    (tests/models/test_backbone.py). Other devices, channels-last inputs and ``torch.compile`` (Dynamo cannot trace
+    the autograd.Function when its input requires grad; the compiler picks its own pool kernel) run the plain pool.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last)
-                or self.return_indices):
+                or self.return_indices or torch.compiler.is_compiling()):
             return super().forward(x)
         return _ChannelsLastMaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
                                           self.ceil_mode)

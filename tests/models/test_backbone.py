@@ -33,3 +33,22 @@ def test_every_resnet_uses_it_without_new_state():
     net = ResNetBackbone("resnet18", train_backbone=True, return_interm_layers=True, dilation=False)
     assert isinstance(net.body.maxpool, MaxPool2dCPUFast)
     assert not any("maxpool" in k for k in net.state_dict())
+
+
+def test_compiled_pool_with_a_grad_requiring_input():
+    """``--compile`` with a trainable stem (``--backbone_from_scratch``): Dynamo could not trace the
+    autograd.Function and the first training step crashed; compiled, the module runs the plain pool."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    net = nn.Sequential(conv, MaxPool2dCPUFast(kernel_size=3, stride=2, padding=1))
+    x = torch.randn(2, 3, 17, 23, generator=g)
+    y = net(x)
+    y.sum().backward()
+    expected = conv.weight.grad.clone()
+    conv.weight.grad = None
+    net.compile(backend="eager")
+    y_compiled = net(x)
+    y_compiled.sum().backward()
+    assert torch.equal(y_compiled, y) and torch.equal(conv.weight.grad, expected)
