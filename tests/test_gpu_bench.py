@@ -9,13 +9,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # three subprocesses importing torch: ~30 s
+@pytest.mark.slow  # four subprocesses importing torch: ~40 s
 def test_smoke_run_reports_every_kind_of_step(tmp_path):
-    cmd = [sys.executable, "tools/gpu_bench.py", "--smoke", "--out", str(tmp_path), "--only", "msda", "small_fp32",
-           "addon_dn"]
+    # small_fp32_compile: the small model (trainable stem) under --compile, which once crashed on the CPU
+    steps = ["msda", "small_fp32", "addon_dn", "small_fp32_compile"]
+    cmd = [sys.executable, "tools/gpu_bench.py", "--smoke", "--out", str(tmp_path), "--only", *steps]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert {k: v["status"] for k, v in data["steps"].items()} == {"msda": "ok", "small_fp32": "ok", "addon_dn": "ok"}
+    assert {k: v["status"] for k, v in data["steps"].items()} == dict.fromkeys(steps, "ok")
     dn = data["results"]["addon_dn.json"]
     assert dn["addon_flags"] == "--use_dn" and dn["ratio"] > 0
     assert data["results"]["small_fp32.json"]["results"]["auto"]["train_step_s"] > 0
