@@ -17,7 +17,7 @@ from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.misc import get_world_size, is_dist_avail_and_initialized
 
 from .addons.base import AddOn, Indices, LossGroup, LossSpec, StepContext, loss_key, overrides
-from .matcher import Matched, run_stages, staged, upload
+from .matcher import Matched, layer_staged, run_stages, staged, upload
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25,
@@ -284,20 +284,29 @@ class SetCriterion(nn.Module):
 
         Staged assigners (models/matcher.py: the Hungarian matcher, MS-DETR's) run in lock-step: one
         device-to-host copy per round for all of them (Hungarian: one round; MS-DETR: two). An assigner
-        without stages is called in its place, after the staged ones before it have finished, so that
-        random draws keep the order of the unbatched loop (group by group, layer by layer).
+        with ``layer_stages`` (the Hungarian matcher) matches all layers of a group in one generator (on a GPU,
+        one cost computation for all of them). An assigner without stages is called in its place, after the
+        staged ones before it have finished, so that random draws keep the order of the unbatched loop (group
+        by group, layer by layer).
         """
         per_group: list[list[Any]] = [[None] * len(_layers(g)) for g in groups]
-        pending: list[tuple[int, int, Any]] = []
+        pending: list[tuple[int, int | None, Any]] = []
 
         def flush() -> None:
             for (gi, li, _), indices in zip(pending, run_stages([st for _, _, st in pending])):
-                per_group[gi][li] = indices
+                if li is None:  # all layers of the group
+                    per_group[gi][:] = indices
+                else:
+                    per_group[gi][li] = indices
             pending.clear()
 
         for gi, group in enumerate(groups):
             assigner = group.matcher or self.matcher
             stages = staged(assigner) if group.indices is None else None
+            all_layers = layer_staged(assigner) if stages is not None and len(_layers(group)) > 1 else None
+            if all_layers is not None:
+                pending.append((gi, None, all_layers([out for _, out in _layers(group)], group.targets)))
+                continue
             for li, (_, out) in enumerate(_layers(group)):
                 if group.indices is not None:
                     per_group[gi][li] = group.indices

@@ -26,27 +26,53 @@ Stages = Generator[list[Tensor], list[Tensor], Indices]
 _ALIGN = 8  # bytes: every tensor starts at a multiple of the largest element size in the packed host buffer
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """numpy's dtype for a torch dtype, or None where numpy has none (bfloat16)."""
+    if dtype not in _NUMPY_DTYPES:
+        try:
+            _NUMPY_DTYPES[dtype] = torch.empty(0, dtype=dtype).numpy().dtype
+        except TypeError:
+            _NUMPY_DTYPES[dtype] = None
+    return _NUMPY_DTYPES[dtype]
+
+
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype | None] = {}
+
+
 def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Host copies of ``tensors`` (any dtypes and shapes, one device) made with ONE device-to-host copy.
 
-    The tensors are packed as bytes into one buffer, copied with one ``.cpu()`` (also on a CPU run, where it
-    is a no-op, so that sync counts on the CPU are those of a GPU), and viewed back with their dtype and shape.
-    An empty list copies nothing.
+    The tensors are concatenated flat per dtype, the per-dtype buffers packed as bytes into one (each padded to
+    8 bytes), copied with one ``.cpu()`` (also on a CPU run, where it is a no-op, so that sync counts on the CPU
+    are those of a GPU), and viewed back with their dtype and shape through numpy (bfloat16 through torch). Host
+    work: about one operator per tensor and four per dtype (it was about seven per tensor; MS-DETR's assigner
+    hands over ~100 tensors a step). An empty list copies nothing.
     """
     if not tensors:
         return []
-    parts, spans = [], []
-    for t in tensors:
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    parts, offsets, start = [], [0] * len(tensors), 0
+    for members in groups.values():
+        flat = [(t.detach() if t.requires_grad else t).reshape(-1) for t in (tensors[i] for i in members)]
+        raw = (torch.cat(flat) if len(flat) > 1 else flat[0]).view(torch.uint8)
+        for i in members:
+            offsets[i] = start
+            start += tensors[i].numel() * tensors[i].element_size()
         pad = -raw.numel() % _ALIGN
-        parts.append(raw if not pad else torch.cat([raw, raw.new_zeros(pad)]))
-        spans.append(raw.numel() + pad)
-    host = torch.cat(parts).cpu()
-    out, start = [], 0
-    for t, span in zip(tensors, spans):
+        parts += [raw, raw.new_zeros(pad)] if pad else [raw]
+        start += pad
+    host = torch.cat(parts).cpu()  # a copy also when one tensor is the whole buffer (cat always copies)
+    buffer = host.numpy()
+    out = []
+    for t, offset in zip(tensors, offsets):
         nbytes = t.numel() * t.element_size()
-        out.append(host[start:start + nbytes].view(t.dtype).view(t.shape))
-        start += span
+        np_dtype = _numpy_dtype(t.dtype)
+        if np_dtype is None:
+            out.append(host[offset:offset + nbytes].view(t.dtype).view(t.shape))
+        else:
+            out.append(torch.from_numpy(buffer[offset:offset + nbytes].view(np_dtype).reshape(t.shape)))
     return out
 
 
@@ -80,6 +106,19 @@ def staged(assigner: object) -> Callable[..., Stages] | None:
     call = "forward" if isinstance(assigner, nn.Module) else "__call__"
     depth = {name: next((i for i, c in enumerate(mro) if name in c.__dict__), len(mro)) for name in ("stages", call)}
     return fn if depth["stages"] <= depth[call] else None
+
+
+def layer_staged(assigner: object) -> Callable[..., Generator[list[Tensor], list[Tensor], list[Indices]]] | None:
+    """The assigner's ``layer_stages`` method (several prediction sets against the same targets at once), or None
+    when it has none, when ``staged`` refuses it, or when a subclass overrides ``stages`` or ``costs`` below the
+    class that defines ``layer_stages`` (then only the per-set stages are trusted)."""
+    fn = getattr(assigner, "layer_stages", None)
+    if fn is None or staged(assigner) is None:
+        return None
+    mro = type(assigner).__mro__
+    depth = {name: next((i for i, c in enumerate(mro) if name in c.__dict__), len(mro))
+             for name in ("layer_stages", "stages", "costs")}
+    return fn if depth["layer_stages"] <= min(depth["stages"], depth["costs"]) else None
 
 
 class Matched(list):
@@ -171,8 +210,8 @@ def upload(groups: Sequence[tuple[Sequence[Mapping[str, Tensor]], Sequence[Indic
         built = []
         for _, rows, sizes in unique_rows:
             rows = views[rows] if isinstance(rows, int) else rows
-            ends = np.cumsum(sizes).tolist()
-            pairs = [(rows[1, e - n:e], rows[2, e - n:e]) for n, e in zip(sizes, ends)]
+            # per image (query, target) views: two splits (host work: 4 ops, not 4 per image)
+            pairs = list(zip(rows[1].split(sizes), rows[2].split(sizes)))
             built.append(Matched(pairs, rows, views[lengths_at], cache))
         out.append([built[e] for e in layer_entry])
     return out
@@ -271,30 +310,80 @@ class HungarianMatcher(nn.Module):
                             cost = cost.masked_fill(~valid[b, :, None], 1e8)
                         costs.append(cost.flatten())
                 return torch.cat(costs)
-            labels = torch.cat([t["labels"] for t in targets])
-            cost = self.cost_matrix(logits, boxes, labels, torch.cat([t["boxes"] for t in targets]).float())
-            if valid is not None:
-                cost = cost.masked_fill(~valid[:, :, None], 1e8)
-            q, total = cost.shape[1:]
-            offsets = np.cumsum(sizes) - sizes
-            blocks = [(b * q * total + np.arange(q)[:, None] * total + o + np.arange(g)[None]).ravel()
-                      for b, (o, g) in enumerate(zip(offsets, sizes)) if g]
-            return cost.flatten()[_upload([np.concatenate(blocks)], cost.device)[0]]
+            return self._diagonal_costs(logits[None], boxes[None], None if valid is None else valid[None], targets,
+                                        sizes)
 
-    def stages(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Stages:
-        """Staged ``forward`` (module docstring): the costs on the device, one copy, scipy on the host."""
-        (flat,) = yield [self.costs(outputs, targets)]
-        flat = torch.nan_to_num(flat, nan=1e8, posinf=1e8, neginf=-1e8)
-        indices, offset, q = [], 0, outputs["pred_logits"].shape[1]
+    def _diagonal_costs(self, logits: Tensor, boxes: Tensor, valid: Tensor | None,
+                        targets: Sequence[Mapping[str, Tensor]], sizes: Sequence[int]) -> Tensor:
+        """The batched costs of L prediction sets: logits [L, B, Q, K], boxes [L, B, Q, 4], valid [L, B, Q] or None
+        -> every set's and image's cost [Q, G_b] flattened, set by set (``costs``' order), computed as one
+        [L, B, Q, sum G_b] matrix whose L x B diagonal blocks are gathered with one index uploaded from the host."""
+        labels = torch.cat([t["labels"] for t in targets])
+        cost = self.cost_matrix(logits, boxes, labels, torch.cat([t["boxes"] for t in targets]).float())
+        if valid is not None:
+            cost = cost.masked_fill(~valid[..., None], 1e8)
+        sets, batch, q, total = cost.shape
+        offsets = np.cumsum(sizes) - sizes
+        blocks = [((s * batch + b) * q * total + np.arange(q)[:, None] * total + o + np.arange(g)[None]).ravel()
+                  for s in range(sets) for b, (o, g) in enumerate(zip(offsets, sizes)) if g]
+        return cost.flatten()[_upload([np.concatenate(blocks)], cost.device)[0]]
+
+    def layer_costs(self, layers: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
+                    batched: bool | None = None) -> Tensor:
+        """``costs`` of several prediction sets against the same targets (a group's decoder layers), concatenated
+        set by set. ``batched`` (default: on a GPU): one cost computation for all sets when their shapes agree (a
+        fixed number of kernels whatever the number of layers and images; every entry's arithmetic is the single
+        call's); otherwise, and on the CPU, the single calls one after the other (there bitwise the previous
+        results, see ``costs``)."""
+        first = layers[0]
+        if batched is None:
+            batched = first["pred_logits"].device.type != "cpu"
+        same = len({(o["pred_logits"].shape, o["pred_boxes"].shape, "valid" in o) for o in layers}) == 1
+        if len(layers) == 1 or not batched or not same:
+            flats = [self.costs(o, targets, batched) for o in layers]
+            return flats[0] if len(flats) == 1 else torch.cat(flats)
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            return first["pred_logits"].new_empty(0, dtype=torch.float)
+        with torch.no_grad():
+            logits = torch.nan_to_num(torch.stack([o["pred_logits"] for o in layers]).float())
+            boxes = torch.nan_to_num(torch.stack([o["pred_boxes"] for o in layers]).float(), nan=0.5)
+            valid = torch.stack([o["valid"] for o in layers]) if "valid" in first else None
+            return self._diagonal_costs(logits, boxes, valid, targets, sizes)
+
+    @staticmethod
+    def _solve(flat: Tensor, q: int, targets: Sequence[Mapping[str, Tensor]]) -> Indices:
+        """Per image (query indices, target indices) from one prediction set's host costs (``costs``' layout)."""
+        flat = torch.nan_to_num(flat, nan=1e8, posinf=1e8, neginf=-1e8).numpy()  # host: numpy slices, no dispatch
+        indices, offset = [], 0
         for t in targets:
             g = len(t["labels"])
             if g == 0:
                 indices.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
                 continue
-            rows, cols = linear_sum_assignment(flat[offset:offset + q * g].view(q, g).numpy())
+            rows, cols = linear_sum_assignment(flat[offset:offset + q * g].reshape(q, g))
             offset += q * g
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
+
+    def stages(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Stages:
+        """Staged ``forward`` (module docstring): the costs on the device, one copy, scipy on the host."""
+        (flat,) = yield [self.costs(outputs, targets)]
+        return self._solve(flat, outputs["pred_logits"].shape[1], targets)
+
+    def layer_stages(self, layers: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]]
+                     ) -> Generator[list[Tensor], list[Tensor], list[Indices]]:
+        """``stages`` of several prediction sets against the same targets (a group's layers) at once: their costs
+        from ``layer_costs`` (on a GPU one computation for all of them), one copy, scipy per set and image.
+        Returns the indices of every set, in order; each equals its own ``stages``' result."""
+        (flat,) = yield [self.layer_costs(layers, targets)]
+        sizes = [len(t["labels"]) for t in targets]
+        out, start = [], 0
+        for o in layers:
+            q = o["pred_logits"].shape[1]
+            out.append(self._solve(flat[start:start + q * sum(sizes)], q, targets))
+            start += q * sum(sizes)
+        return out
 
 
 def build_matcher(args) -> HungarianMatcher:

@@ -72,12 +72,18 @@ def test_many_matchings_share_one_copy_and_equal_the_single_calls():
 
 def test_to_host_keeps_dtypes_shapes_and_bits():
     tensors = [torch.randn(3, 5), torch.tensor([True, False, True]), torch.arange(7), torch.zeros(0, 4),
-               torch.randn(2, 2).double(), torch.tensor(3, dtype=torch.int32)]
+               torch.randn(2, 2).double(), torch.tensor(3, dtype=torch.int32), torch.randn(3, 4).t(),  # strided
+               torch.randn(5).bfloat16(), torch.randn(2, 3, requires_grad=True), torch.arange(5)[::2],
+               torch.tensor([False]), torch.randn(4, 1).half()]
     with SyncCounter() as syncs:
         host = to_host(tensors)
     assert syncs.total == 1
     for a, b in zip(tensors, host):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.detach(), b) and not b.requires_grad
+    tensors[0].zero_()  # copies, not views of the inputs (on the CPU too), also for a single tensor
+    (single,) = to_host([tensors[2]])
+    tensors[2].zero_()
+    assert host[0].abs().sum() > 0 and torch.equal(single, torch.arange(7))
 
 
 def test_a_subclass_that_overrides_the_call_is_not_staged():
@@ -99,3 +105,93 @@ def test_batched_costs_equal_the_per_image_loop():
         for out in (outputs, {k: v for k, v in outputs.items() if k != "valid"}):
             per_image, batched = matcher.costs(out, targets), matcher.costs(out, targets, batched=True)
             assert per_image.shape == batched.shape and torch.allclose(per_image, batched, rtol=1e-6, atol=1e-6)
+
+
+def _layers(seed: int, n: int = 3):
+    """n prediction sets (a group's decoder layers) against the same targets, with and without ``valid``."""
+    outputs, targets = _case(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    layers = [{"pred_logits": torch.randn(3, 10, 4, generator=g), "pred_boxes": torch.rand(3, 10, 4, generator=g),
+               "valid": outputs["valid"] if "valid" in outputs else torch.rand(3, 10, generator=g) > 0.3}
+              for _ in range(n)]
+    return layers, targets
+
+
+@pytest.mark.parametrize("with_valid", [True, False])
+def test_all_layers_in_one_matching_equal_the_layer_by_layer_matching(with_valid):
+    """``layer_stages`` (the criterion's: one generator, on a GPU one cost computation for every layer of a group)
+    against each layer's own ``stages``: the CPU path's costs bitwise, the GPU's batched costs up to the CPU's
+    rounding of vectorised functions, and the same indices either way."""
+    matcher = HungarianMatcher()
+    for seed in range(3):
+        layers, targets = _layers(seed)
+        if not with_valid:
+            layers = [{k: v for k, v in o.items() if k != "valid"} for o in layers]
+        single = [matcher.costs(o, targets) for o in layers]
+        assert torch.equal(matcher.layer_costs(layers, targets), torch.cat(single))
+        batched = matcher.layer_costs(layers, targets, batched=True)
+        assert torch.allclose(batched, torch.cat(single), rtol=1e-6, atol=1e-6)
+        alone = [matcher(o, targets) for o in layers]
+        with SyncCounter() as syncs:
+            together = run_stages([matcher.layer_stages(layers, targets)])[0]
+        assert syncs.total == 1 and len(together) == len(layers)
+        for a, b in zip(alone, together):
+            assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+def test_layer_costs_fall_back_to_single_calls_when_shapes_differ():
+    matcher = HungarianMatcher()
+    layers, targets = _layers(0)
+    layers[1] = {"pred_logits": layers[1]["pred_logits"][:, :7], "pred_boxes": layers[1]["pred_boxes"][:, :7]}
+    expected = torch.cat([matcher.costs(o, targets, batched=True) for o in layers])
+    assert torch.equal(matcher.layer_costs(layers, targets, batched=True), expected)
+    no_targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 3
+    assert matcher.layer_costs(_layers(1)[0], no_targets, batched=True).numel() == 0
+
+
+def test_criterion_losses_with_the_gpu_layer_batching_are_the_same(monkeypatch):
+    """A training step's losses with every group's layers matched by the GPU path (forced here on the CPU): the
+    losses depend on the costs only through the indices, so they are bitwise those of the CPU path."""
+    from models import build_model
+    from tests.conftest import tiny_args
+    from util.misc import nested_tensor_from_tensor_list
+
+    def losses():
+        torch.manual_seed(0)
+        model, criterion, _ = build_model(tiny_args("--with_box_refine", "--two_stage", "--num_queries_one2many",
+                                                    "16", "--k_one2many", "2"))
+        g = torch.Generator().manual_seed(0)
+        images = [torch.randn(3, 64, 64, generator=g), torch.randn(3, 48, 56, generator=g)]
+        targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[.5, .5, .3, .3], [.3, .3, .2, .2]])},
+                   {"labels": torch.tensor([0]), "boxes": torch.tensor([[.4, .6, .2, .3]])}]
+        model.train()
+        return criterion(model(nested_tensor_from_tensor_list(images), targets), targets)
+
+    plain = losses()
+    calls = []
+    original = HungarianMatcher.layer_costs
+
+    def forced(self, layers, targets, batched=None):
+        calls.append(len(layers))
+        return original(self, layers, targets, batched=True)
+
+    monkeypatch.setattr(HungarianMatcher, "layer_costs", forced)
+    batched = losses()
+    assert sorted(calls) == [2, 2]  # the main queries' and the one-to-many group's 2 decoder layers, once each
+    assert plain.keys() == batched.keys()
+    assert all(torch.equal(plain[k], batched[k]) for k in plain)
+
+
+def test_a_subclass_that_overrides_stages_or_costs_is_matched_layer_by_layer():
+    from models.matcher import layer_staged
+
+    class OwnCosts(HungarianMatcher):
+        def costs(self, outputs, targets, batched=None):
+            return super().costs(outputs, targets, batched)
+
+    class OwnStages(HungarianMatcher):
+        def stages(self, outputs, targets):
+            return (yield from super().stages(outputs, targets))
+
+    assert layer_staged(HungarianMatcher()) is not None
+    assert layer_staged(OwnCosts()) is None and layer_staged(OwnStages()) is None
