@@ -139,6 +139,27 @@ class OneToManyAssigner:
         iou = box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))[0]
         return (self.iou_weight * iou + self.cls_weight * logits.sigmoid()[:, labels]).T
 
+    def qualities(self, logits: Tensor, boxes: Tensor, targets: Sequence[Mapping[str, Tensor]]) -> list[Tensor | None]:
+        """``quality`` of every image ([G_b, Q], None without GT) from one computation for the batch ([B, Q, sum
+        G_b]: host work that does not grow with the images). Each entry is bitwise ``quality``'s: the IoU and
+        the mix are exact elementwise operations; the sigmoid is taken image by image on the CPU, whose
+        vectorised transcendental functions round differently at a tensor's tail (a GPU computes every element
+        alike). Each image's matrix is laid out as ``quality``'s ([Q, G_b] contiguous, transposed), so that
+        reductions over it break ties identically."""
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            return [None] * len(targets)
+        labels = torch.cat([t["labels"] for t in targets])
+        gt = box_cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).float())
+        iou = box_iou(box_cxcywh_to_xyxy(boxes), gt)[0]  # [B, Q, sum G]
+        prob = logits.sigmoid() if logits.device.type != "cpu" else torch.stack([x.sigmoid() for x in logits])
+        mixed = self.iou_weight * iou + self.cls_weight * prob[..., labels]
+        out, start = [], 0
+        for b, g in enumerate(sizes):
+            out.append(mixed[b, :, start:start + g].contiguous().T if g else None)
+            start += g
+        return out
+
     def device_part(self, quality: Tensor) -> list[Tensor]:
         """What the host needs of one image's quality [G, Q] (G > 0), computed on the device without a sync:
         positive [Q] bool (step 1), the best GT per query [Q], and every GT's k best queries and scores [G, k]
@@ -177,8 +198,7 @@ class OneToManyAssigner:
         official order (image by image, positives then negatives), one copy of the kept draws; the pairs."""
         with torch.no_grad():
             logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-            parts = [self.device_part(self.quality(logits[b], boxes[b], t["labels"], t["boxes"].float()))
-                     if len(t["labels"]) else [] for b, t in enumerate(targets)]
+            parts = [self.device_part(q) if q is not None else [] for q in self.qualities(logits, boxes, targets)]
         host = yield [x for part in parts for x in part]
         per_image, start = [], 0
         for part in parts:

@@ -27,6 +27,23 @@ def test_quality_mixes_iou_and_class_score():
     torch.testing.assert_close(s, torch.tensor([[0.7 + 0.15, 0.7 * 0.25, 0.0]]), atol=1e-6, rtol=0)
 
 
+def test_batch_qualities_are_the_per_image_ones_bitwise(monkeypatch):
+    """The batch computation (one for all images; its host work does not grow with them) gives every image's
+    matrix bitwise, in the same layout; None for an image without GT."""
+    assigner = OneToManyAssigner()
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(3, 37, 5, generator=g), torch.rand(3, 37, 4, generator=g) * 0.5 + 0.2
+    targets = [{"labels": torch.tensor([1, 4, 1]), "boxes": torch.rand(3, 4, generator=g) * 0.4 + 0.1},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+               {"labels": torch.tensor([0, 2]), "boxes": torch.rand(2, 4, generator=g) * 0.4 + 0.1}]
+    batch = assigner.qualities(logits, boxes, targets)
+    assert batch[1] is None
+    for b in (0, 2):
+        single = assigner.quality(logits[b], boxes[b], targets[b]["labels"], targets[b]["boxes"])
+        assert torch.equal(batch[b], single) and batch[b].stride() == single.stride()
+    assert assigner.qualities(logits, boxes, [targets[1]] * 3) == [None] * 3
+
+
 def test_threshold_selects_positives_and_pairs_sorted_ascending():
     s = torch.tensor([[0.9, 0.5, 0.45, 0.3, 0.1, 0.39, 0.0, 0.2]])
     q, g = OneToManyAssigner(threshold=0.4, k=6, positive_fraction=1.0).assign(s)
