@@ -196,6 +196,17 @@ def test_roi_head_width_flag(batch):
     assert torch.isfinite(losses["loss_rcnn_cls"]) and torch.isfinite(losses["loss_rcnn_giou"])
 
 
+def test_atss_anchor_scale_flag(batch):
+    assert _build(*TWO_STAGE, *CO)[0].addons.co_detr.atss.octave_base_scale == 8.0  # the official anchors
+    model, criterion, _ = _build(*TWO_STAGE, *CO, "--co_heads", "atss", "--atss_octave_base_scale", "2")
+    atss = model.addons.co_detr.atss
+    assert atss.octave_base_scale == 2.0
+    _, losses = _step(model, criterion, *batch)
+    assert all(torch.isfinite(losses[k]) for k in ("loss_atss_cls", "loss_atss_giou", "loss_atss_centerness"))
+    with pytest.raises(FlagError, match="atss_octave_base_scale"):
+        _build(*TWO_STAGE, *CO, "--atss_octave_base_scale", "0")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["-m", "dab_deformable_detr"] + CO, "co_detr runs on"),
     (CO, "anchor"),  # one-stage deformable_detr: 2-d references

@@ -57,14 +57,14 @@ class CoDETRModule(nn.Module):
     """Every parameter of the add-on: the pyramid's extra level, the auxiliary heads, the query projections."""
 
     def __init__(self, heads: tuple[str, ...], num_classes: int, channels: int, strides: list[int],
-                 queries: PositiveQueries | None, fc_channels: int = 1024) -> None:
+                 queries: PositiveQueries | None, fc_channels: int = 1024, atss_octave_base_scale: float = 8.0) -> None:
         super().__init__()
         self.pyramid = MemoryPyramid(channels)
         if "rcnn" in heads:  # RoIs pool from the memory levels only (the extra level excluded), spec §1.3 item 4
             self.rcnn = build_rcnn_head(num_classes, channels, strides, roi_levels=len(strides) - 1,
                                          fc_channels=fc_channels)
         if "atss" in heads:
-            self.atss = ATSSHead(num_classes, channels, strides)
+            self.atss = ATSSHead(num_classes, channels, strides, octave_base_scale=atss_octave_base_scale)
         self.queries = queries
 
 
@@ -103,6 +103,9 @@ class CoDETR(AddOn):
                             "deformable_detr, off for dino, as the official configs)")
         g.add_argument("--fc_out_channels", default=1024, type=int,
                        help="width of the R-CNN RoI head's two shared FCs (roi_head.bbox_head.fc_out_channels)")
+        g.add_argument("--atss_octave_base_scale", default=8.0, type=float,
+                       help="side of the ATSS head's anchors in strides (official 8: on 800x1333 COCO images; "
+                            "bbox_head.anchor_generator.octave_base_scale)")
         g.add_argument("--fix_head_pos_embed", action="store_true",
                        help="Co-Deformable: a C-d learned head embedding (official: one scalar per head, spec §4.1)")
 
@@ -111,13 +114,16 @@ class CoDETR(AddOn):
         heads = tuple(h for h in HEADS if h in args.co_heads)
         if not heads:
             raise FlagError("co_detr: --co_heads names no head (rcnn, atss)")
+        if not args.atss_octave_base_scale > 0:
+            raise FlagError(f"co_detr: --atss_octave_base_scale must be > 0, got {args.atss_octave_base_scale}")
         style = "dino" if args.model == "dino" else "deformable"
         coord_feat = (style == "deformable") if args.with_coord_feat is None else args.with_coord_feat
         strides = level_strides(model.backbone.strides, args.num_feature_levels)
         strides.append(strides[-1] * 2)
         queries = (PositiveQueries(args.hidden_dim, len(heads), style, coord_feat, args.fix_head_pos_embed)
                    if args.with_pos_coord else None)
-        module = CoDETRModule(heads, args.num_classes, args.hidden_dim, strides, queries, args.fc_out_channels)
+        module = CoDETRModule(heads, args.num_classes, args.hidden_dim, strides, queries, args.fc_out_channels,
+                              args.atss_octave_base_scale)
         return cls(module, heads, args.num_classes, args.lambda_1, args.lambda_2,
                    args.num_dec_layer or args.dec_layers, args.max_pos_coords, args.with_pos_coord)
 
