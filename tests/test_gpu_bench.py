@@ -22,6 +22,11 @@ def test_smoke_run_reports_every_kind_of_step(tmp_path):
     assert data["results"]["small_fp32.json"]["results"]["auto"]["train_step_s"] > 0
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| cpu-dec300 | cpu | float32 |" in report and "| dn | `--use_dn` |" in report and "| small_fp32 |" in report
+    # the small model's step profiled: its phases in the report, the top operators next to it
+    profile = data["results"]["small_fp32.json"]["results"]["auto"]["profile"]
+    assert all(profile[f"{phase}_host_ms"] > 0 for phase in ("forward", "loss", "backward", "optimizer"))
+    assert "## Where the step's time goes" in report and "| small_fp32 | " in report.split("Where the step")[1]
+    assert "Operators by host self time" in (tmp_path / "profile_small_fp32.md").read_text()
 
 
 def test_launch_verdict_flags_a_faster_setting_only():

@@ -39,6 +39,9 @@ SPEED_OPT_INS = "--amp_backbone_half --channels_last --fused_optimizer"
 # DETR_MSDA_CUDA_TUNING settings timed beside the defaults: the layout before point slices and 8-byte half backward
 # and scalar atomics (the official kernel's; whether the vector ones suffer from the decoder's colliding updates)
 LAUNCH_SETTINGS = ["point_lanes=1", "point_lanes=1,bwd_vec_bytes=16", "vector_atomics=0"]
+# Where a step's time goes (host and device time per phase, the device's busy time, the top kernels): the bf16 R50
+# step and the host-bound small model, written next to the report as profile_*.md
+PROFILE = ["--profile_steps", "3", "--profile"]
 
 
 def run(name: str, cmd: list[str], out: Path, timeout: float, log: dict) -> bool:
@@ -86,13 +89,15 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
     bench = [py, "tools/benchmark.py", *model.split(), "--bench_size", *size, "--bench_batch", batch, *iters]
     steps = [("cuda_tests", tests, 240, ""),
              ("msda", msda + ["--json", "{out}/msda.json"], 120, "msda.json")]
-    for name, extra in (("r50_two_stage_fp32", []), ("r50_two_stage_bf16", ["--amp", "--amp_dtype", "bf16"]),
+    for name, extra in (("r50_two_stage_fp32", []),
+                        ("r50_two_stage_bf16", ["--amp", "--amp_dtype", "bf16", *PROFILE, "{out}/profile_r50_bf16.md"]),
                         ("r50_two_stage_bf16_optins", ["--amp", "--amp_dtype", "bf16", *SPEED_OPT_INS.split()])):
         steps.append((name, bench + TWO_STAGE.split() + extra + ["--json", f"{{out}}/{name}.json"], 150,
                       f"{name}.json"))
     small = [py, "tools/benchmark.py", *SMALL.split(), dev.split()[0], dev.split()[1], "--bench_size",
              *(["128", "128"] if not smoke else size), "--bench_batch", "8" if not smoke else "1", *iters]
-    steps.append(("small_fp32", small + ["--json", "{out}/small_fp32.json"], 90, "small_fp32.json"))
+    steps.append(("small_fp32", small + [*PROFILE, "{out}/profile_small_fp32.md", "--json", "{out}/small_fp32.json"],
+                  90, "small_fp32.json"))
     steps.append(("dino_4scale_dn_bf16", bench + ["-m", "dino", "--use_dn", "--amp", "--amp_dtype", "bf16", "--json",
                                                   "{out}/dino_4scale_dn_bf16.json"], 150, "dino_4scale_dn_bf16.json"))
     for name, (flags, base) in ADDONS.items():
@@ -111,7 +116,7 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
 
 
 def fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
-    return "—" if value is None else f"{value * scale:.{digits}f}"
+    return "—" if value is None or value != value else f"{value * scale:.{digits}f}"  # None or NaN: not measured
 
 
 def launch_verdict(rows: list[dict]) -> list[str]:
@@ -158,6 +163,17 @@ def report(out: Path, log: dict, results: dict, smoke: bool) -> str:
             r = next(iter(results[k]["results"].values()))
             lines.append(f"| {k.removesuffix('.json')} | {fmt(r['train_step_s'], 1e3, 1)} | {fmt(r['infer_img_s'])} "
                          f"| {fmt(r['peak_mem_mib'], 1, 0)} |")
+    profiled = [(k, next(iter(results[k]["results"].values())).get("profile")) for k in models]
+    profiled = [(k, p) for k, p in profiled if p]
+    if profiled:
+        lines += ["", "## Where the step's time goes (ms per step; host / device time of each phase, profile_*.md: the "
+                  "top kernels)", "", "| configuration | forward | loss | backward | optimizer | step wall under the "
+                  "profiler | device busy |", "|---|---|---|---|---|---|---|"]
+        for k, p in profiled:
+            cells = " | ".join(f"{fmt(p[f'{ph}_host_ms'], 1, 1)} / {fmt(p[f'{ph}_device_ms'], 1, 1)}"
+                               for ph in ("forward", "loss", "backward", "optimizer"))
+            lines.append(f"| {k.removesuffix('.json')} | {cells} | {fmt(p['profiled_wall_ms'], 1, 1)} | "
+                         f"{fmt(p['device_busy_ms'], 1, 1)} |")
     addons = [k for k in results if k.startswith("addon_") and results[k]]
     if addons:
         lines += ["", "## Add-on cost, side by side (R50 two-stage + refine; goals: MS-DETR <= 1.15x)", "",
