@@ -23,9 +23,12 @@ LIMITS = {
     "two_stage_refine_ms_detr": ("--with_box_refine --two_stage --use_ms_detr --use_aux_ffn", 3),
     "dab_deformable_detr": ("-m dab_deformable_detr", 2),
     "dino_cdn": ("-m dino --use_dn --contrastive --dn_number 4", 3),
+    # OD-DETR: the teacher's stage queries for its auxiliary group are chosen on the host (one copy in the
+    # forward), the teacher-guided matching shares the criterion's copy
+    "two_stage_refine_od": ("--with_box_refine --two_stage --use_ema --addons od", 3),
 }
 SLOW = {"two_stage_refine_dn", "two_stage_refine_hybrid", "two_stage_refine_ms_detr", "dab_deformable_detr",
-        "dino_cdn"}
+        "dino_cdn", "two_stage_refine_od"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LIMITS])

@@ -6,19 +6,18 @@
 On a GPU every operator is a launch (or at least a dispatch) paid on the host; a small model's step is bound by
 them (README "Benchmarks"). The count is of the operators below autograd (a ``TorchDispatchMode``), for one
 step after two warm-up ones of the synthetic benchmark's model (tools/addon_step_time.py, batch 8 of 128 px),
-with what a GPU run does differently forced: the Hungarian matcher's batched costs (``batched=True``, one
-computation per group) and AdamW's multi-tensor (``foreach``) implementation, torch's default on a GPU. Phases:
+with what a GPU run does differently forced: the GPU's code paths (tools/gpu_paths.py: the Hungarian matcher's
+batched costs, one computation per group) and AdamW's multi-tensor (``foreach``) implementation, torch's default
+on a GPU. Phases:
 forward (model and add-on query groups), loss (matching and losses), backward, optimizer (clipping and AdamW).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,10 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import matcher as matcher_module  # noqa: E402
 from models.addons.base import StepContext, overrides  # noqa: E402
 from tools.addon_step_time import batch, make  # noqa: E402
 from tools.count_syncs import CONFIGS  # noqa: E402
+from tools.gpu_paths import gpu_paths  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 PHASES = ("forward", "loss", "backward", "optimizer")
@@ -57,24 +56,6 @@ class OpCounter(TorchDispatchMode):
                 frame = frame.f_back
             self.sites[(self.phase, site)] += 1
         return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def gpu_matching() -> Iterator[None]:
-    """The matcher's GPU path on the CPU: batched costs (per group, all layers and images at once)."""
-    cls = matcher_module.HungarianMatcher
-    saved = {name: cls.__dict__[name] for name in ("costs", "layer_costs") if name in cls.__dict__}
-
-    def forcing(fn):
-        return lambda self, outputs, targets, batched=None: fn(self, outputs, targets, batched=True)
-
-    try:
-        for name, fn in saved.items():
-            setattr(cls, name, forcing(fn))
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(cls, name, fn)
 
 
 def step(model, criterion, optimizer, max_norm: float, samples, targets, counter: OpCounter | None) -> None:
@@ -109,7 +90,7 @@ def count(flags: str, batch_size: int = 8, image_size: int = 128, sites: bool = 
     model, criterion, optimizer, _, max_norm = make(flags)
     for group in optimizer.param_groups:
         group["foreach"] = True
-    with gpu_matching():
+    with gpu_paths():
         for _ in range(2):
             step(model, criterion, optimizer, max_norm, samples, targets, None)
         with OpCounter(sites) as counter:

@@ -7,7 +7,7 @@ A step is what ``engine.train_one_epoch`` does for one batch (forward with the a
 logging, backward, clipping, optimizer step, add-on hooks); the count per step is (syncs of 4 steps - syncs of
 2 steps) / 2, so once-per-epoch work (the final meter synchronisation) and the first and last steps (they
 print a progress line, which reads the grad norm at once) are not in it: a run pays this count per step plus
-one per printed line. Model size and batch are
+one per printed line. The code paths are a GPU's where they differ (tools/gpu_paths.py). Model size and batch are
 those of tools/addon_step_time.py (the synthetic benchmark's model, batch 8 of 128 px, 1-6 objects per image).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine import train_one_epoch  # noqa: E402
 from tools.addon_step_time import batch, make  # noqa: E402
+from tools.gpu_paths import gpu_paths  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 from util.sync_counter import SyncCounter  # noqa: E402
 
@@ -47,7 +48,7 @@ def count(flags: str, steps: int, batch_size: int, image_size: int, built: tuple
     model, criterion, optimizer, ema, _ = built or make(flags)
     addons = list(getattr(model, "train_addons", ()))
     loader = [(samples, targets)] * steps
-    with SyncCounter() as syncs:
+    with gpu_paths(), SyncCounter() as syncs:
         train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 0, 0.1, addons=addons,
                         print_freq=10**9, ema=ema)
     return syncs

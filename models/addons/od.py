@@ -30,21 +30,24 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from util.errors import FlagError
+from util.misc import host_tensor_to
 
-from ..matcher import HungarianMatcher, build_matcher
+from ..matcher import HungarianMatcher, build_matcher, to_host
 from ..query_groups import EncoderOutput, QueryGroup
 from ..registry import register_addon
 from .base import AddOn, LossGroup, LossSpec, StepContext, loss_key
 from .od_losses import (
     Layer,
     TeacherGuidedMatcher,
+    finish_stage_queries,
     prediction_distillation,
-    select_stage_queries,
     stage_costs,
+    stage_query_parts,
     zero_loss_outputs,
 )
 
@@ -250,13 +253,22 @@ class OnlineDistillation(AddOn):
         logits = torch.stack([lay["pred_logits"] for lay in layers])  # [L', B, Q, K]
         boxes = torch.stack([lay["pred_boxes"] for lay in layers])  # [L', B, Q, 4]
         num_layers, batch, q = boxes.shape[:3]
-        picks = []
-        for b, t in enumerate(targets):
-            cost = stage_costs(self.hungarian, logits[:, b].flatten(0, 1), boxes[:, b].flatten(0, 1), t["labels"],
-                               t["boxes"])  # candidates layer-major: m = layer * Q + query
-            picks.append(select_stage_queries(cost, k, self.config.aux_shared).flatten())
-        size = max((p.numel() for p in picks), default=0)
         device = hs.device
+        parts = [stage_query_parts(stage_costs(self.hungarian, logits[:, b].flatten(0, 1), boxes[:, b].flatten(0, 1),
+                                               t["labels"], t["boxes"]),  # candidates layer-major: layer * Q + query
+                                   k, self.config.aux_shared) for b, t in enumerate(targets)]
+        if self.config.aux_shared:  # the device's answer as is
+            picks = [p[0].flatten() if p else torch.zeros(0, dtype=torch.long, device=device) for p in parts]
+        else:  # every image's greedy choice on the host, from one copy; the picks back in one upload
+            host, start, chosen = to_host([x for p in parts for x in p]), 0, []
+            for p, t in zip(parts, targets):
+                g = len(t["labels"])
+                chosen.append(finish_stage_queries(host[start:start + len(p)], g, min(k, num_layers * q)).ravel()
+                              if p else np.zeros(0, np.int64))
+                start += len(p)
+            flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *chosen]), torch.long, device)
+            picks = list(flat.split([len(c) for c in chosen]))
+        size = max((p.numel() for p in picks), default=0)
         tgt = hs.new_zeros(batch, size, hs.shape[-1])
         reference = boxes.new_full((batch, size, self.ref_dim), 0.5)
         query_pos = None if init_pos is None or self.derive_pos else init_pos.new_zeros(batch, size, init_pos.shape[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import Tensor
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.misc import get_world_size, host_tensor_to, is_dist_avail_and_initialized
 
-from ..matcher import HungarianMatcher
+from ..matcher import HungarianMatcher, Matched, Stages, run_stages, to_host
 from .base import Indices, loss_key
 
 Layer = Mapping[str, Tensor]  # one decoder layer's ``pred_logits`` [B, N, K] and ``pred_boxes`` [B, N, 4]
@@ -73,37 +74,78 @@ def _mean_over_ranks(count: Tensor) -> Tensor:
     return torch.clamp(count / get_world_size(), min=1)
 
 
-def _pairs(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image (query, target) pairs -> flat (batch index, query index, target index) [P]."""
+def _flat_pairs(pairs: Indices, targets: Sequence[Mapping[str, Tensor]],
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (query, target) pairs -> flat device (image, query, target in the targets concatenated over
+    images) [P], without a sync: the criterion's ``Matched`` holds them already; host pairs (the Hungarian
+    matcher's, and their unions and differences below) are flattened with numpy and uploaded in one non-blocking
+    copy (indexing a device tensor with a host index would wait for the device)."""
+    if isinstance(pairs, Matched):
+        return pairs.batch_idx, pairs.src_idx, pairs.tgt_idx
+    lengths = np.array([len(t["labels"]) for t in targets], dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    if all(s.device.type == "cpu" and t.device.type == "cpu" for s, t in pairs):
+        src = [s.numpy().astype(np.int64, copy=False) for s, _ in pairs]
+        tgt = [t.numpy().astype(np.int64, copy=False) for _, t in pairs]
+        batch = np.repeat(np.arange(len(pairs), dtype=np.int64), [len(x) for x in src])
+        src_all, tgt_all = (np.concatenate([np.zeros(0, np.int64), *xs]) for xs in (src, tgt))
+        rows = host_tensor_to(np.stack([batch, src_all, tgt_all + offsets[batch]]), torch.long, device)
+        return rows[0], rows[1], rows[2]
     empty = [torch.zeros(0, dtype=torch.long, device=device)]
-    batch = torch.cat(empty + [torch.full_like(src, b).to(device) for b, (src, _) in enumerate(indices)])
-    return (batch, torch.cat(empty + [src.to(device) for src, _ in indices]),
-            torch.cat(empty + [tgt.to(device) for _, tgt in indices]))
+    batch = torch.cat(empty + [torch.full_like(src, b).to(device) for b, (src, _) in enumerate(pairs)])
+    tgt = torch.cat(empty + [t.to(device) + int(o) for (_, t), o in zip(pairs, offsets)])
+    return batch, torch.cat(empty + [src.to(device) for src, _ in pairs]), tgt
+
+
+def _gather(targets: Sequence[Mapping[str, Tensor]], key: str, index: Tensor) -> Tensor:
+    """``targets[b][key][j]`` of every pair from ``_flat_pairs``' flat target index (one gather)."""
+    return torch.cat([t[key] for t in targets]).to(index.device)[index]
 
 
 def union_pairs(own: Indices, teacher: Indices, num_queries: int) -> Indices:
-    """Per image the union of two assignments: each (query, target) pair once (own pairs first)."""
+    """Per image the union of two assignments: each (query, target) pair once (own pairs first, each set in its
+    order). Host index tensors in and out (numpy: no device work, no sync)."""
     out = []
     for (s1, t1), (s2, t2) in zip(own, teacher):
-        src, tgt = torch.cat([s1, s2.to(s1.device)]), torch.cat([t1, t2.to(t1.device)])
-        key = tgt * num_queries + src
-        uniq, inverse = torch.unique(key, return_inverse=True)
-        first = torch.full((uniq.numel(),), key.numel(), dtype=torch.long, device=key.device)
-        first = first.scatter_reduce(0, inverse, torch.arange(key.numel(), device=key.device), "amin")
-        keep = first.sort().values
-        out.append((src[keep], tgt[keep]))
+        src, tgt = np.concatenate([s1.numpy(), s2.numpy()]), np.concatenate([t1.numpy(), t2.numpy()])
+        keep = np.sort(np.unique(tgt * num_queries + src, return_index=True)[1])  # first occurrences, in order
+        out.append((torch.from_numpy(src[keep]), torch.from_numpy(tgt[keep])))
     return out
 
 
 def differing_pairs(own: Indices, teacher: Indices, num_queries: int) -> Indices:
-    """Per image the teacher's pairs (query i, target sigma_T(i)) whose query the student matched elsewhere or not."""
+    """Per image the teacher's pairs (query i, target sigma_T(i)) whose query the student matched elsewhere or not.
+    Host index tensors in and out (numpy)."""
     out = []
     for (s1, t1), (s2, t2) in zip(own, teacher):
-        own_target = torch.full((num_queries,), -1, dtype=torch.long, device=s2.device)
-        own_target[s1.to(s2.device)] = t1.to(s2.device)
+        own_target = np.full(num_queries, -1, dtype=np.int64)
+        own_target[s1.numpy()] = t1.numpy()
+        s2, t2 = s2.numpy(), t2.numpy()
         keep = own_target[s2] != t2
-        out.append((s2[keep], t2[keep]))
+        out.append((torch.from_numpy(s2[keep]), torch.from_numpy(t2[keep])))
     return out
+
+
+def _lockstep(stages: Sequence[Stages]) -> Stages:
+    """Several staged assignments run as one (each round's requests concatenated into one reply): so that a
+    caller's ``run_stages`` serves them all with its one copy. Returns their results, in order."""
+    results: list[Any] = [None] * len(stages)
+    replies: dict[int, list[Tensor] | None] = {i: None for i in range(len(stages))}
+    while replies:
+        requests: dict[int, list[Tensor]] = {}
+        for i, reply in replies.items():
+            try:
+                requests[i] = stages[i].send(reply)
+            except StopIteration as done:
+                results[i] = done.value
+        if not requests:
+            break
+        flat = yield [t for req in requests.values() for t in req]
+        replies, start = {}, 0
+        for i, req in requests.items():
+            replies[i] = flat[start:start + len(req)]
+            start += len(req)
+    return results
 
 
 class TeacherGuidedMatcher:
@@ -141,11 +183,16 @@ class TeacherGuidedMatcher:
         raise KeyError("TeacherGuidedMatcher: these outputs are not a layer of the group it was made for")
 
     def __call__(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Indices:
+        return run_stages([self.stages(outputs, targets)])[0]
+
+    def stages(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Stages:
+        """Staged (models/matcher.py): the student's and the teacher's Hungarian matching of this layer in
+        lock-step, so that the criterion's one copy serves them with every other group's and layer's."""
         i = self._layer(outputs)
-        self.own[i] = self.hungarian(outputs, targets)
-        self.teacher[i] = self.hungarian(self.layers[i][1], targets)
-        self.outputs[i] = outputs
-        return self.teacher[i] if self.box_mode == "teacher" else self.own[i]
+        own, teacher = yield from _lockstep([self.hungarian.stages(outputs, targets),
+                                             self.hungarian.stages(self.layers[i][1], targets)])
+        self.own[i], self.teacher[i], self.outputs[i] = own, teacher, outputs
+        return teacher if self.box_mode == "teacher" else own
 
     def label_loss(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], indices: Indices,
                    num_boxes: Tensor, log: bool = False, valid: Tensor | None = None) -> dict[str, Tensor]:
@@ -156,18 +203,18 @@ class TeacherGuidedMatcher:
         self.num_boxes = num_boxes
         logits = outputs["pred_logits"].float()
         pairs = union_pairs(self.own[i], self.teacher[i], logits.shape[1])
-        batch_idx, query_idx, tgt_idx = _pairs(pairs, logits.device)
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, pairs)]).to(logits.device)
-        gt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, pairs)]).float().to(logits.device)
+        batch_idx, query_idx, tgt_idx = _flat_pairs(pairs, targets, logits.device)
+        labels = _gather(targets, "labels", tgt_idx)
+        gt = _gather(targets, "boxes", tgt_idx).float()
         pred = outputs["pred_boxes"][batch_idx, query_idx].detach().float()
         iou = elementwise_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
         soft = quality_targets(logits.shape, batch_idx, query_idx, labels, iou)
         count = _mean_over_ranks(host_tensor_to(float(query_idx.numel()), torch.float, logits.device))
         losses = {"loss_ce": multi_target_qfl(logits, soft, self.beta, valid) / count}
         if log:
-            src = _pairs(indices, logits.device)
+            src = _flat_pairs(indices, targets, logits.device)
             matched = logits[src[0], src[1]]
-            target = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+            target = _gather(targets, "labels", src[2])
             acc = ((matched.argmax(-1) == target).float().mean() * 100 if matched.numel()
                    else torch.zeros((), device=logits.device))
             losses["class_error"] = 100 - acc
@@ -182,9 +229,9 @@ class TeacherGuidedMatcher:
                 continue
             boxes = self.outputs[i]["pred_boxes"]
             pairs = differing_pairs(self.own[i], self.teacher[i], boxes.shape[1])
-            batch_idx, query_idx, _ = _pairs(pairs, boxes.device)
+            batch_idx, query_idx, tgt_idx = _flat_pairs(pairs, targets, boxes.device)
             src = boxes[batch_idx, query_idx].float()
-            gt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, pairs)]).float().to(boxes.device)
+            gt = _gather(targets, "boxes", tgt_idx).float()
             norm = self.num_boxes if self.num_boxes is not None else torch.ones((), device=boxes.device)
             giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt))
             losses[loss_key("loss_bbox", name, suffix)] = F.l1_loss(src, gt, reduction="sum") / norm
@@ -192,12 +239,22 @@ class TeacherGuidedMatcher:
         return losses
 
 
-def prediction_distillation(student: Layer, teacher: Layer, threshold: float) -> dict[str, Tensor]:
+BY_MASK: bool | None = None  # prediction_distillation's default path (None: by device; the sync and op counters
+# of tools/ set True to count what a GPU step does)
+
+
+def prediction_distillation(student: Layer, teacher: Layer, threshold: float,
+                            by_mask: bool | None = None) -> dict[str, Tensor]:
     """Pull the student's predictions on the teacher's initial queries toward the teacher's (spec §2.3.2).
 
     ``loss_ce``: BCE(sigmoid(z_S), sigmoid(z_T)) summed over classes, averaged over queries;
     ``loss_bbox`` / ``loss_giou``: L1 (summed over the 4 coordinates) and 1 - GIoU to the teacher's box,
     averaged over the queries whose best teacher score exceeds ``threshold`` (0 when there is none).
+
+    ``by_mask`` (default ``BY_MASK``, None: on a GPU): the box terms over every query with the others' terms made
+    exactly 0 (both boxes replaced by one fixed box), instead of selecting the kept queries with a boolean mask,
+    whose data-dependent shape is a host-device sync per layer. The same terms, summed in another order; the CPU
+    keeps the selection (its previous results bitwise).
 
     Args:
         student, teacher: ``pred_logits`` [B, N, K] and ``pred_boxes`` [B, N, 4] of the same queries.
@@ -207,7 +264,14 @@ def prediction_distillation(student: Layer, teacher: Layer, threshold: float) ->
     ce = F.binary_cross_entropy_with_logits(zs, pt, reduction="none").sum(-1).mean()
     keep = pt.max(-1).values > threshold
     count = keep.sum().clamp(min=1)
-    bs, bt = student["pred_boxes"][keep].float(), teacher["pred_boxes"][keep].float()
+    by_mask = BY_MASK if by_mask is None else by_mask
+    if by_mask if by_mask is not None else keep.device.type != "cpu":
+        bs, bt = student["pred_boxes"].float().flatten(0, 1), teacher["pred_boxes"].float().flatten(0, 1)
+        kept = keep.flatten()[:, None]
+        still = bs.new_tensor([0.5, 0.5, 0.5, 0.5])  # a valid box: identical pairs give L1 0 and GIoU 1 exactly
+        bs, bt = torch.where(kept, bs, still), torch.where(kept, bt, still)
+    else:
+        bs, bt = student["pred_boxes"][keep].float(), teacher["pred_boxes"][keep].float()
     giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(bs), box_cxcywh_to_xyxy(bt))
     return {"loss_ce": ce, "loss_bbox": (bs - bt).abs().sum() / count, "loss_giou": (1 - giou).sum() / count}
 
@@ -220,25 +284,49 @@ def select_stage_queries(cost: Tensor, k: int, shared: bool = False) -> Tensor:
     then takes its best remaining candidates even if another target has them. With ``shared`` every
     target simply takes its k best (two targets may pick the same candidate).
 
+    One image; ``OnlineDistillation.aux_group`` runs the parts for all images with one copy: ``stage_query_parts``
+    on the device, ``finish_stage_queries`` on the host.
+
     Args:
         cost: [M, G] matching cost of M candidates (teacher queries of every stage) against G targets.
         k: candidates per target (capped at M).
     """
     m, g = cost.shape
+    parts = stage_query_parts(cost, k, shared)
+    if shared or not parts:
+        return parts[0] if parts else torch.zeros(g, min(k, m), dtype=torch.long, device=cost.device)
+    return host_tensor_to(finish_stage_queries(to_host(parts), g, min(k, m)), torch.long, cost.device)
+
+
+def stage_query_parts(cost: Tensor, k: int, shared: bool = False) -> list[Tensor]:
+    """``select_stage_queries``' device work for one image (no sync): with ``shared`` the answer itself ([G, k]);
+    otherwise what the host needs: the ``k * G`` best costs and candidates of every target (fewer when M is
+    smaller) and, when there are fewer than k * G candidates (some target must then share), every target's full
+    ranking. Empty when G or k is 0."""
+    m, g = cost.shape
     k = min(k, m)
     if g == 0 or k == 0:
-        return torch.zeros(g, k, dtype=torch.long, device=cost.device)
+        return []
     if shared:
-        return cost.topk(k, dim=0, largest=False).indices.T
+        return [cost.topk(k, dim=0, largest=False).indices.T]
     depth = min(m, k * g)  # a target can lose at most k * (g - 1) of its best candidates to the others
     values, cands = cost.topk(depth, dim=0, largest=False)  # [depth, G], ascending per target
-    order = torch.argsort(values.flatten(), stable=True).tolist()
-    flat_cands = cands.flatten().tolist()
+    if m < k * g:  # too few candidates: the greedy below cannot fill every target
+        return [values, cands, cost.argsort(dim=0, stable=True).T]
+    return [values, cands]
+
+
+def finish_stage_queries(host: Sequence[Tensor], g: int, k: int) -> np.ndarray:
+    """``select_stage_queries`` without ``shared`` on the host (numpy) from ``stage_query_parts``' host copies:
+    [G, k] int64 picks (k already capped at M)."""
+    values, cands = host[0].numpy(), host[1].numpy()
+    order = np.argsort(values.ravel(), kind="stable")
+    flat_cands = cands.ravel()
     picks: list[list[int]] = [[] for _ in range(g)]
     used: set[int] = set()
     filled = 0
-    for pos in order:
-        target, cand = pos % g, flat_cands[pos]
+    for pos in order.tolist():
+        target, cand = pos % g, int(flat_cands[pos])
         if len(picks[target]) < k and cand not in used:
             picks[target].append(cand)
             used.add(cand)
@@ -246,14 +334,14 @@ def select_stage_queries(cost: Tensor, k: int, shared: bool = False) -> Tensor:
             if filled == g:
                 break
     if filled < g:  # too few candidates: the remaining targets share (their best ones they do not have yet)
-        ranked = cost.argsort(dim=0, stable=True).T.tolist()
+        ranked = host[2].numpy().tolist()
         for target in range(g):
             for cand in ranked[target]:
                 if len(picks[target]) == k:
                     break
                 if cand not in picks[target]:
                     picks[target].append(cand)
-    return host_tensor_to(picks, torch.long, cost.device)
+    return np.array(picks, dtype=np.int64).reshape(g, k)
 
 
 def stage_costs(hungarian: HungarianMatcher, logits: Tensor, boxes: Tensor, labels: Tensor,

@@ -11,15 +11,19 @@ from models.addons import StepContext, overrides
 from models.addons.od import AUX, INIT, STASH
 from models.addons.od_losses import (
     TeacherGuidedMatcher,
+    differing_pairs,
     multi_target_qfl,
+    prediction_distillation,
     quality_targets,
     select_stage_queries,
     stage_costs,
+    union_pairs,
 )
-from models.matcher import HungarianMatcher
+from models.matcher import HungarianMatcher, run_stages
 from tests.conftest import tiny_args
 from util.errors import FlagError
 from util.misc import nested_tensor_from_tensor_list
+from util.sync_counter import SyncCounter
 
 OFF = ["--no-od_md", "--no-od_init_queries", "--no-od_aux_group"]
 PARTS = {"md": ["--no-od_init_queries", "--no-od_aux_group"], "init": ["--no-od_md", "--no-od_aux_group"],
@@ -246,6 +250,61 @@ def test_teacher_guided_matching_unions_both_assignments():
     extra = matcher.teacher_box_losses(targets, "od_md")
     torch.testing.assert_close(extra["loss_bbox_od_md"], torch.tensor(0.1))  # query 1 toward GT 0 (w 0.1 off)
     torch.testing.assert_close(extra["loss_giou_od_md"], torch.tensor(0.5))
+
+
+def test_union_and_difference_of_assignments():
+    own = [(torch.tensor([3, 0, 5]), torch.tensor([0, 1, 2])), (torch.zeros(0, dtype=torch.long),) * 2]
+    teacher = [(torch.tensor([0, 4, 5]), torch.tensor([1, 0, 2])), (torch.tensor([2]), torch.tensor([0]))]
+    union = union_pairs(own, teacher, 6)  # own pairs first, each pair once, each set in its order
+    assert [x.tolist() for x in union[0]] == [[3, 0, 5, 4], [0, 1, 2, 0]]
+    assert [x.tolist() for x in union[1]] == [[2], [0]]
+    diff = differing_pairs(own, teacher, 6)  # the teacher's pairs whose query the student matched elsewhere/not
+    assert [x.tolist() for x in diff[0]] == [[4], [0]] and [x.tolist() for x in diff[1]] == [[2], [0]]
+    assert all(x.dtype == torch.long for pair in union + diff for x in pair)
+
+
+def test_teacher_guided_matcher_is_staged_one_copy_for_every_layer():
+    """The student's and the teacher's matching of every layer share the criterion's one host copy."""
+    g = torch.Generator().manual_seed(0)
+
+    def layer():
+        return {"pred_logits": torch.randn(2, 6, 4, generator=g), "pred_boxes": torch.rand(2, 6, 4, generator=g)}
+
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .6, .3, .2]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[.5, .5, .4, .4]])}]
+    students, teachers = [layer(), layer()], [layer(), layer()]
+    staged = TeacherGuidedMatcher(HungarianMatcher(), [(s["pred_logits"], t) for s, t in zip(students, teachers)],
+                                  [None, 0])
+    with SyncCounter() as syncs:
+        together = run_stages([staged.stages(s, targets) for s in students])
+    assert syncs.total == 1
+    alone = TeacherGuidedMatcher(HungarianMatcher(), [(s["pred_logits"], t) for s, t in zip(students, teachers)],
+                                 [None, 0])
+    for i, s in enumerate(students):
+        expected = alone(s, targets)
+        assert all(torch.equal(a, b) for x, y in zip(expected, together[i]) for a, b in zip(x, y))
+        assert all(torch.equal(a, b) for x, y in zip(alone.teacher[i], staged.teacher[i]) for a, b in zip(x, y))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 2.0], ids=["some_kept", "none_kept"])
+def test_prediction_distillation_without_masks_is_the_same(threshold):
+    """The GPU's path (every query, the others' terms exactly 0: no data-dependent shape) against the CPU's
+    selection: the same values and gradients up to the order of the sums."""
+    g = torch.Generator().manual_seed(0)
+    student = {"pred_logits": torch.randn(2, 7, 3, generator=g), "pred_boxes": torch.rand(2, 7, 4, generator=g)}
+    teacher = {"pred_logits": torch.randn(2, 7, 3, generator=g) * 2, "pred_boxes": torch.rand(2, 7, 4, generator=g)}
+    results = []
+    for by_mask in (False, True):
+        s = {k: v.clone().requires_grad_() for k, v in student.items()}
+        losses = prediction_distillation(s, teacher, threshold, by_mask=by_mask)
+        sum(losses.values()).backward()
+        results.append((losses, s["pred_boxes"].grad))
+    (plain, grad), (masked, masked_grad) = results
+    for k in plain:
+        torch.testing.assert_close(masked[k], plain[k], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(masked_grad, grad, rtol=1e-6, atol=1e-7)
+    if threshold > 1:
+        assert plain["loss_bbox"] == 0 and masked["loss_giou"] == 0
 
 
 @pytest.mark.parametrize("combo", [False, True], ids=["alone", "with_dn_hybrid_ms_detr"])
