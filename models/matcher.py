@@ -96,6 +96,29 @@ def run_stages(stages: Sequence[Stages]) -> list[Indices]:
     return results  # type: ignore[return-value]
 
 
+def lockstep(stages: Sequence[Stages]) -> Stages:
+    """Several staged assignments run as one generator (each round's requests concatenated, the reply split back),
+    so that a caller's ``run_stages`` serves them all with its one copy per round. Returns their results, in
+    order (a generator whose stages returns a list of indices: one entry per stage)."""
+    results: list[Any] = [None] * len(stages)
+    replies: dict[int, list[Tensor] | None] = {i: None for i in range(len(stages))}
+    while replies:
+        requests: dict[int, list[Tensor]] = {}
+        for i, reply in replies.items():
+            try:
+                requests[i] = stages[i].send(reply)
+            except StopIteration as done:
+                results[i] = done.value
+        if not requests:
+            break
+        flat = yield [t for req in requests.values() for t in req]
+        replies, start = {}, 0
+        for i, req in requests.items():
+            replies[i] = flat[start:start + len(req)]
+            start += len(req)
+    return results
+
+
 def staged(assigner: object) -> Callable[..., Stages] | None:
     """The assigner's ``stages`` method, or None when it has none or when a subclass overrides the call
     (``forward`` / ``__call__``) below the class that defines ``stages`` (then only the call is trusted)."""

@@ -26,9 +26,11 @@ LIMITS = {
     # OD-DETR: the teacher's stage queries for its auxiliary group are chosen on the host (one copy in the
     # forward), the teacher-guided matching shares the criterion's copy
     "two_stage_refine_od": ("--with_box_refine --two_stage --use_ema --addons od", 3),
+    # Teach-DETR: its teacher-box matching of every layer, set and the encoder in one more copy
+    "two_stage_refine_teach": ("--with_box_refine --two_stage --ensemble --ext_ann_files t=unused.json", 3),
 }
 SLOW = {"two_stage_refine_dn", "two_stage_refine_hybrid", "two_stage_refine_ms_detr", "dab_deformable_detr",
-        "dino_cdn", "two_stage_refine_od"}
+        "dino_cdn", "two_stage_refine_od", "two_stage_refine_teach"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LIMITS])

@@ -18,7 +18,7 @@ from torch import Tensor
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.misc import get_world_size, host_tensor_to, is_dist_avail_and_initialized
 
-from ..matcher import HungarianMatcher, Matched, Stages, run_stages, to_host
+from ..matcher import HungarianMatcher, Matched, Stages, lockstep, run_stages, to_host
 from .base import Indices, loss_key
 
 Layer = Mapping[str, Tensor]  # one decoder layer's ``pred_logits`` [B, N, K] and ``pred_boxes`` [B, N, 4]
@@ -126,28 +126,6 @@ def differing_pairs(own: Indices, teacher: Indices, num_queries: int) -> Indices
     return out
 
 
-def _lockstep(stages: Sequence[Stages]) -> Stages:
-    """Several staged assignments run as one (each round's requests concatenated into one reply): so that a
-    caller's ``run_stages`` serves them all with its one copy. Returns their results, in order."""
-    results: list[Any] = [None] * len(stages)
-    replies: dict[int, list[Tensor] | None] = {i: None for i in range(len(stages))}
-    while replies:
-        requests: dict[int, list[Tensor]] = {}
-        for i, reply in replies.items():
-            try:
-                requests[i] = stages[i].send(reply)
-            except StopIteration as done:
-                results[i] = done.value
-        if not requests:
-            break
-        flat = yield [t for req in requests.values() for t in req]
-        replies, start = {}, 0
-        for i, req in requests.items():
-            replies[i] = flat[start:start + len(req)]
-            start += len(req)
-    return results
-
-
 class TeacherGuidedMatcher:
     """Matching distillation's assigner of one supervised group at one step (spec §2.3.1).
 
@@ -189,7 +167,7 @@ class TeacherGuidedMatcher:
         """Staged (models/matcher.py): the student's and the teacher's Hungarian matching of this layer in
         lock-step, so that the criterion's one copy serves them with every other group's and layer's."""
         i = self._layer(outputs)
-        own, teacher = yield from _lockstep([self.hungarian.stages(outputs, targets),
+        own, teacher = yield from lockstep([self.hungarian.stages(outputs, targets),
                                              self.hungarian.stages(self.layers[i][1], targets)])
         self.own[i], self.teacher[i], self.outputs[i] = own, teacher, outputs
         return teacher if self.box_mode == "teacher" else own

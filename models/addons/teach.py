@@ -43,7 +43,7 @@ from datasets.teacher_merge import DEFAULT_TEACHER_WEIGHT, MERGED_KEY, NMS_IOU, 
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.misc import get_world_size, host_tensor_to, is_dist_avail_and_initialized
 
-from ..matcher import build_matcher
+from ..matcher import Matched, build_matcher, layer_staged, lockstep, run_stages, staged, upload
 from ..registry import register_addon
 from .base import AddOn, Indices, LossSpec, StepContext, loss_key
 
@@ -174,10 +174,9 @@ def teacher_terms(out: Mapping[str, Tensor], targets: TargetSet, indices: Indice
     """
     logits = out["pred_logits"].float()
     b, q, k = logits.shape
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-    src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
-    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-    scores = torch.cat([t["scores"][j] for t, (_, j) in zip(targets, indices)]).float()
+    batch_idx, src_idx = _pair_rows(indices, logits.device)
+    labels = _matched(targets, indices, "labels")
+    scores = _matched(targets, indices, "scores").float()
     classes = torch.full((b, q), k - 1 if eos_coef is not None else k, dtype=torch.int64, device=logits.device)
     classes[batch_idx, src_idx] = labels
     w = torch.full((b, q), UNMATCHED_WEIGHT if weighted else 1.0, dtype=torch.float32, device=logits.device)
@@ -198,12 +197,28 @@ def _box_terms(out: Mapping[str, Tensor], targets: TargetSet, indices: Indices, 
                scores: Tensor, num_boxes: Tensor, weighted: bool) -> dict[str, Tensor]:
     """L1 and GIoU of the matched pairs / num_boxes; weighted: s·L1 and the released 1 − s·GIoU."""
     src = out["pred_boxes"][batch_idx, src_idx].float()
-    tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+    tgt = _matched(targets, indices, "boxes").float()
     l1 = F.l1_loss(src, tgt, reduction="none")
     giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
     if not weighted:
         return {"loss_bbox": l1.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
     return {"loss_bbox": (l1 * scores[:, None]).sum() / num_boxes, "loss_giou": (1 - giou * scores).sum() / num_boxes}
+
+
+def _pair_rows(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(image, query) of every pair, on ``device``: the flat device rows of ``Matched`` indices (no copy, no sync),
+    else built from the per-image pairs."""
+    if isinstance(indices, Matched):
+        return indices.batch_idx, indices.src_idx
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+    return batch_idx, torch.cat([src for src, _ in indices]).to(device)
+
+
+def _matched(targets: TargetSet, indices: Indices, key: str) -> Tensor:
+    """``targets[b][key][j]`` of every pair, in pair order (``Matched``: one gather on the device)."""
+    if isinstance(indices, Matched):
+        return indices.gather(targets, key)
+    return torch.cat([t[key][j] for t, (_, j) in zip(targets, indices)])
 
 
 def _softmax_ce(logits: Tensor, classes: Tensor, w: Tensor, eos_coef: float) -> Tensor:
@@ -218,10 +233,10 @@ def _softmax_ce(logits: Tensor, classes: Tensor, w: Tensor, eos_coef: float) -> 
 def _class_error(out: Mapping[str, Tensor], targets: TargetSet, indices: Indices) -> Tensor:
     """100 − top-1 accuracy of the matched queries (logged, as the criterion's class_error)."""
     logits = out["pred_logits"]
-    matched = torch.cat([logits[i, src.to(logits.device)] for i, (src, _) in enumerate(indices)])
+    matched = logits[_pair_rows(indices, logits.device)]
     if matched.numel() == 0:
         return torch.zeros((), device=logits.device)
-    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    labels = _matched(targets, indices, "labels")
     return 100 - (matched.argmax(-1) == labels).float().mean() * 100
 
 
@@ -317,21 +332,52 @@ class TeachDETR(AddOn):
         device = outputs["pred_logits"].device
         counts = _all_reduced_counts([sum(len(t["labels"]) for t in s) for s, _ in sets], device)
         layers = [(None, outputs)] + list(enumerate(outputs.get("aux_outputs", [])))
+        enc = "enc_outputs" in outputs
+        agnostic = [[{**t, "labels": torch.zeros_like(t["labels"])} for t in tset] for tset, _ in sets]
+        matched = self.match(sets, [out for _, out in layers], outputs.get("enc_outputs"), agnostic, device)
         losses: dict[str, Tensor] = {}
-        for (tset, weight), num_boxes in zip(sets, counts):
-            for layer, out in layers:
-                indices = self.matcher(out, tset)
+        for (tset, weight), num_boxes, agn, (per_layer, enc_indices) in zip(sets, counts, agnostic, matched):
+            for (layer, out), indices in zip(layers, per_layer):
                 terms = teacher_terms(out, tset, indices, num_boxes, self.focal_alpha, eos_coef=self.eos_coef)
                 _accumulate(losses, terms, layer, SUFFIX, weight)
                 if layer is None and not self.parallel:
                     losses[loss_key("class_error", None, SUFFIX)] = _class_error(out, tset, indices)
-            if "enc_outputs" in outputs:
-                agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in tset]
-                indices = self.matcher(outputs["enc_outputs"], agnostic)
-                terms = teacher_terms(outputs["enc_outputs"], agnostic, indices, num_boxes, self.focal_alpha,
+            if enc:
+                terms = teacher_terms(outputs["enc_outputs"], agn, enc_indices, num_boxes, self.focal_alpha,
                                       weighted=False, eos_coef=self.eos_coef)
                 _accumulate(losses, terms, None, ENC_SUFFIX, weight)
         return losses
+
+    def match(self, sets: Sequence[tuple[TargetSet, float]], layers: Sequence[Mapping[str, Tensor]],
+              enc_outputs: Mapping[str, Tensor] | None, agnostic: Sequence[TargetSet],
+              device: torch.device) -> list[tuple[list[Indices], Indices | None]]:
+        """Per target set the indices of every layer and of the encoder proposals (None without), as ``Matched``
+        on ``device``: the matcher's staged form runs them all with one device-to-host copy, and one
+        non-blocking upload brings them back (as the criterion's matching); the same pairs as matching each layer
+        alone."""
+        layer_stages = layer_staged(self.matcher)
+        stage = staged(self.matcher)
+        if stage is None:  # a matcher without stages: called layer by layer
+            found = [([self.matcher(out, tset) for out in layers],
+                      self.matcher(enc_outputs, agn) if enc_outputs is not None else None)
+                     for (tset, _), agn in zip(sets, agnostic)]
+        else:
+            runs = []
+            for (tset, _), agn in zip(sets, agnostic):
+                runs.append(layer_stages(list(layers), tset) if layer_stages is not None
+                            else lockstep([stage(out, tset) for out in layers]))
+                if enc_outputs is not None:
+                    runs.append(stage(enc_outputs, agn))
+            results = iter(run_stages(runs))
+            found = [(next(results), next(results) if enc_outputs is not None else None) for _ in sets]
+        groups = []
+        for ((tset, _), agn), (per_layer, enc_indices) in zip(zip(sets, agnostic), found):
+            groups.append((tset, per_layer))
+            if enc_indices is not None:
+                groups.append((agn, [enc_indices]))
+        uploaded = iter(upload(groups, device))
+        return [(next(uploaded), next(uploaded)[0] if enc_indices is not None else None)
+                for _, (_, enc_indices) in zip(sets, found)]
 
 
 def _accumulate(losses: dict[str, Tensor], terms: Mapping[str, Tensor], layer: int | None, suffix: str,
