@@ -4,7 +4,14 @@ import math
 import pytest
 import torch
 
-from models.addons.co_detr.atss import ATSSHead, atss_assign, centerness_target, level_anchors, valid_flags
+from models.addons.co_detr.atss import (
+    ATSSHead,
+    atss_assign,
+    centerness_target,
+    level_anchors,
+    valid_flags,
+    valid_index,
+)
 
 
 def _brute_force_atss(anchors, num_level, gts, topk=9):
@@ -77,6 +84,16 @@ def test_anchors_from_explicit_strides_on_an_odd_image_size():
     per = torch.split(flags, [48, 12, 4])
     assert per[0].view(6, 8)[:5, :6].all() and per[0].sum() == 5 * 6
     assert per[1].sum() == 3 * 3 and per[2].sum() == 2 * 2
+
+
+@pytest.mark.parametrize("size", [(61, 45), (64, 64), (1, 130), (200, 17)])
+def test_valid_index_is_the_flags_read_on_the_host(size):
+    """The valid anchors from the sizes alone (no device read) are exactly the flags' ones, level by level."""
+    shapes, strides = [(8, 9), (4, 5), (2, 3), (1, 2)], [8, 16, 32, 64]
+    flags = valid_flags(shapes, strides, size, torch.device("cpu"))
+    index, counts = valid_index(shapes, strides, size)
+    assert index.tolist() == flags.nonzero().squeeze(1).tolist()
+    assert counts == [int(f.sum()) for f in flags.split([h * w for h, w in shapes])]
 
 
 def test_centerness_target():

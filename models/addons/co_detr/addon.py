@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from util.errors import FlagError
 
+from ...matcher import to_host
 from ...query_groups import EncoderOutput, QueryGroup
 from ...registry import register_addon
 from ..base import AddOn, LossGroup, LossSpec, StepContext
@@ -158,13 +159,15 @@ class CoDETR(AddOn):
                                meta={LOSSES_META: losses})]
         groups = []
         flat = None
+        host = to_host([lab for head in self.heads for lab in outs[head].labels])  # every head's labels, one copy
+        host_labels = {head: host[i * len(sizes):(i + 1) * len(sizes)] for i, head in enumerate(self.heads)}
         for k, head in enumerate(self.heads):
             out = outs[head]
             entry_feats = out.feats
             if entry_feats is None and self.mod.queries.with_coord_feat:  # ATSS: the pyramid at every anchor
                 flat = flat if flat is not None else torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)
                 entry_feats = list(flat.unbind(0))
-            sel = select_positives(out, sizes, self.num_classes, entry_feats, self.max_pos_coords)
+            sel = select_positives(out, sizes, self.num_classes, entry_feats, self.max_pos_coords, host_labels[head])
             tgt, query_pos = self.mod.queries(k, sel.boxes, sel.feats)
             indices = [(torch.arange(p, device=tgt.device), torch.arange(p, device=tgt.device)) for p in sel.num_pos]
             meta: dict[str, Any] = {"targets": sel.targets, "indices": indices, "num_pos": float(sum(sel.num_pos))}

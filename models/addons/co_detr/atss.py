@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from util.misc import all_reduce_mean
+from util.misc import all_reduce_mean, host_tensor_to
 
 from .common import AuxHeadOutput
 from .pyramid import gn_groups
@@ -55,6 +56,20 @@ def valid_flags(shapes: Sequence[tuple[int, int]], strides: Sequence[int], size:
         ok[:vh, :vw] = True
         flags.append(ok.reshape(-1))
     return torch.cat(flags)
+
+
+def valid_index(shapes: Sequence[tuple[int, int]], strides: Sequence[int],
+                size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+    """``valid_flags`` as host data: the valid anchors' flat indices (levels concatenated, ascending) and their
+    number per level, computed from the sizes alone (no device read: ``nonzero`` and ``int`` of the flags would
+    each be a host-device sync)."""
+    index, counts, start = [], [], 0
+    for (h, w), s in zip(shapes, strides):
+        vh, vw = min(math.ceil(size[0] / s), h), min(math.ceil(size[1] / s), w)
+        index.append(start + (np.arange(vh)[:, None] * w + np.arange(vw)[None]).ravel())
+        counts.append(vh * vw)
+        start += h * w
+    return np.concatenate(index).astype(np.int64), counts
 
 
 def atss_assign(anchors: Tensor, num_level: Sequence[int], gt_boxes: Tensor, topk: int = 9) -> Tensor:
@@ -180,13 +195,13 @@ class ATSSHead(nn.Module):
         deltas = torch.cat([deltas[:, :2], deltas[:, 2:].clamp(min=-lim)], 1)
         return self.coder.decode_single(deltas, anchors)
 
-    def targets(self, anchors: Tensor, num_level: list[int], valid: Tensor,
+    def targets(self, anchors: Tensor, idx: Tensor, per_level: list[int],
                 target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """One image: labels [S] (background K, also for invalid anchors) and GT boxes [S, 4] (zeros if none)."""
+        """One image: labels [S] (background K, also for invalid anchors) and GT boxes [S, 4] (zeros if none).
+
+        ``idx``: the valid anchors (device), ``per_level``: their number per level (``valid_index``)."""
         labels = torch.full((anchors.shape[0],), self.num_classes, dtype=torch.long, device=anchors.device)
         boxes = anchors.new_zeros(anchors.shape)
-        idx = valid.nonzero().squeeze(1)
-        per_level = [int(v.sum()) for v in torch.split(valid, num_level)]
         assigned = atss_assign(anchors[idx], per_level, target["boxes"], self.topk)
         pos = assigned >= 0
         labels[idx[pos]] = target["labels"][assigned[pos]]
@@ -207,9 +222,11 @@ class ATSSHead(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f in feats]
         per_level = level_anchors(shapes, self.strides, self.octave_base_scale, device)
         anchors = torch.cat(per_level)
-        num_level = [a.shape[0] for a in per_level]
         valid = torch.stack([valid_flags(shapes, self.strides, s, device) for s in image_sizes])  # [B, S]
-        assigned = [self.targets(anchors, num_level, v, t) for v, t in zip(valid, targets)]
+        host = [valid_index(shapes, self.strides, s) for s in image_sizes]  # the same anchors, from the sizes
+        index = host_tensor_to(np.concatenate([h[0] for h in host]), torch.long, device)
+        index = index.split([len(h[0]) for h in host])
+        assigned = [self.targets(anchors, i, counts, t) for i, (_, counts), t in zip(index, host, targets)]
         labels = torch.stack([a[0] for a in assigned])  # [B, S]
         boxes = torch.stack([a[1] for a in assigned])  # [B, S, 4]
         pos = labels < self.num_classes

@@ -20,12 +20,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from util.box_ops import box_xyxy_to_cxcywh
-from util.misc import inverse_sigmoid
+from util.misc import host_tensor_to, inverse_sigmoid
 
+from ...matcher import to_host
 from .common import AuxHeadOutput
 
 MIN_POS_COORDS = 9
@@ -65,34 +67,46 @@ def group_size(num_pos: Sequence[int], max_pos_coords: int) -> int:
     return max(MIN_POS_COORDS, min(max_pos_coords, max(num_pos, default=0)))
 
 
-def _draw(n: int, k: int, device: torch.device) -> Tensor:
-    """k of n indices at random (the official CPU ``randperm``, then moved)."""
-    return torch.randperm(n)[:k].to(device)
+def _draw(n: int, k: int) -> np.ndarray:
+    """k of n indices at random (the official CPU ``randperm``)."""
+    return torch.randperm(n)[:k].numpy()
 
 
 def select_positives(out: AuxHeadOutput, sizes: Sequence[tuple[int, int]], num_classes: int,
-                     feats: Sequence[Tensor] | None, max_pos_coords: int = 300) -> PositiveSet:
+                     feats: Sequence[Tensor] | None, max_pos_coords: int = 300,
+                     host_labels: Sequence[Tensor] | None = None) -> PositiveSet:
     """Draw the group of one head.
 
     Args:
         out: the head's result (per image entries, labels with background = ``num_classes``, xyxy pixel boxes).
         sizes: unpadded (h, w) per image.
         feats: per image [N_b, C] content feature of every entry (ATSS: the pyramid at the anchor), or None.
+        host_labels: host copies of ``out.labels`` (the caller's one copy for every head); None: copied here.
+
+    The positives and negatives are found on the host (numpy, from one copy of the labels), the draws are the
+    official CPU ``randperm`` in its order (per image the positives' subset, then the padding negatives), and the
+    chosen entries go back to the device in one non-blocking upload: no other host-device sync.
     """
     labels = out.labels
-    counts = [int((lab < num_classes).sum()) for lab in labels]
-    n = group_size(counts, max_pos_coords)
+    host = [h.numpy() for h in (host_labels if host_labels is not None else to_host(list(labels)))]
+    positives = [np.flatnonzero(h < num_classes) for h in host]
+    negatives = [np.flatnonzero(h == num_classes) for h in host]
+    n = group_size([len(p) for p in positives], max_pos_coords)
+    chosen = []  # per image (positives kept, entries taken)
+    for pos, neg in zip(positives, negatives):
+        if len(pos) > n:
+            pos = pos[_draw(len(pos), n)]
+        pad = n - len(pos)
+        take = np.concatenate([pos, neg[_draw(len(neg), pad)]]) if pad > 0 else pos
+        chosen.append((pos, take))
+    device = labels[0].device if len(labels) else torch.device("cpu")
+    flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64)] + [a.astype(np.int64) for pair in chosen
+                                                                     for a in pair]), torch.long, device)
+    parts = iter(flat.split([len(a) for pair in chosen for a in pair]))
     boxes, contents, targets, kept = [], [], [], []
     for b, (coords, lab, tgt, (h, w)) in enumerate(zip(out.coords, labels, out.box_targets, sizes)):
+        pos, take = next(parts), next(parts)
         factor = coords.new_tensor([w, h, w, h])
-        pos = (lab < num_classes).nonzero().squeeze(1)
-        neg = (lab == num_classes).nonzero().squeeze(1)
-        if pos.numel() > n:
-            pos = pos[_draw(pos.numel(), n, pos.device)]
-        pad = n - pos.numel()
-        take = pos
-        if pad > 0:
-            take = torch.cat([pos, neg[_draw(neg.numel(), pad, neg.device)]])
         box = box_xyxy_to_cxcywh(coords[take] / factor)
         feat = feats[b][take] if feats is not None else None
         short = n - take.numel()  # too few negatives: zero boxes (the official code crashes)
