@@ -58,13 +58,15 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step(model, criterion, optimizer, max_norm: float, samples, targets, counter: OpCounter | None) -> None:
-    """One step as tools/addon_step_time.py's (engine.py's without logging), its phases labelled."""
+def step(model, criterion, optimizer, max_norm: float, samples, targets, counter: OpCounter | None,
+         ema=None) -> None:
+    """One step as tools/addon_step_time.py's (engine.py's without logging), its phases labelled; ``ema``: the
+    model's EMA (the teacher of ``--addons od``), updated in the optimizer phase."""
     def phase(name: str) -> None:
         if counter is not None:
             counter.phase = name
 
-    ctx = StepContext(images=samples, targets=targets, epoch=0, step=0)
+    ctx = StepContext(images=samples, targets=targets, epoch=0, step=0, ema=None if ema is None else ema.module)
     phase("forward")
     for addon in criterion.addons:
         if overrides(addon, "before_forward"):
@@ -79,6 +81,8 @@ def step(model, criterion, optimizer, max_norm: float, samples, targets, counter
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
     optimizer.step()
+    if ema is not None:
+        ema.update(model)
     for addon in criterion.addons:
         addon.after_step(model, ctx)
 
@@ -87,14 +91,14 @@ def count(flags: str, batch_size: int = 8, image_size: int = 128, sites: bool = 
     """Operators of one step (after two warm-up steps) of the model built from ``flags``."""
     images, targets = batch(batch_size, image_size, 6)
     samples = nested_tensor_from_tensor_list(images)
-    model, criterion, optimizer, _, max_norm = make(flags)
+    model, criterion, optimizer, ema, max_norm = make(flags)
     for group in optimizer.param_groups:
         group["foreach"] = True
     with gpu_paths():
         for _ in range(2):
-            step(model, criterion, optimizer, max_norm, samples, targets, None)
+            step(model, criterion, optimizer, max_norm, samples, targets, None, ema)
         with OpCounter(sites) as counter:
-            step(model, criterion, optimizer, max_norm, samples, targets, counter)
+            step(model, criterion, optimizer, max_norm, samples, targets, counter, ema)
     return counter
 
 

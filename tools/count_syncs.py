@@ -36,6 +36,9 @@ CONFIGS = {
     "two_stage_refine_ms_detr": "--with_box_refine --two_stage --use_ms_detr --use_aux_ffn",
     "dab_deformable_detr": "-m dab_deformable_detr",
     "dino_cdn": "-m dino --use_dn --contrastive --dn_number 20",
+    "two_stage_refine_teach": "--with_box_refine --two_stage --ensemble --ext_ann_files t=unused.json",
+    "two_stage_refine_od": "--with_box_refine --two_stage --use_ema --addons od",
+    "two_stage_refine_co_detr": "--with_box_refine --two_stage --addons co_detr",
 }
 
 
