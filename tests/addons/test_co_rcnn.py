@@ -161,6 +161,28 @@ def test_roi_losses_on_hand_case():
     assert head.roi_loss(logits, deltas, rois, labels, rois)["loss_rcnn_giou"].item() > 0.01
 
 
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_delta_coder_is_torchvisions_bitwise(weights):
+    """The coder without per-call uploads computes torchvision's encode and decode bit for bit, gradients too."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    from models.addons.co_detr.rcnn_ops import DELTA_CLIP, DeltaCoder
+    g = torch.Generator().manual_seed(0)
+    ref, ours = BoxCoder(weights, bbox_xform_clip=DELTA_CLIP), DeltaCoder(weights, bbox_xform_clip=DELTA_CLIP)
+    xy = torch.rand(50, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 60 + 1], 1)
+    gts = torch.cat([xy + 3, xy + torch.rand(50, 2, generator=g) * 50 + 5], 1)
+    assert torch.equal(ours.encode_single(gts, anchors), ref.encode_single(gts, anchors))
+    deltas = torch.randn(50, 8, generator=g) * 3  # two classes, large enough to hit the clip
+    a, b = deltas.clone().requires_grad_(), deltas.clone().requires_grad_()
+    out_ref, out = ref.decode_single(a, anchors), ours.decode_single(b, anchors)
+    assert torch.equal(out, out_ref)
+    grad = torch.randn(out.shape, generator=g)
+    out_ref.backward(grad)
+    out.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+
+
 def test_decode_clamps_both_sides():
     coder = AuxRPN(in_channels=4, strides=(8,)).coder
     anchor = torch.tensor([[0.0, 0.0, 100.0, 100.0]])

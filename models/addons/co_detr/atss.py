@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from util.misc import all_reduce_mean, host_tensor_to
 
 from .common import AuxHeadOutput
 from .pyramid import gn_groups
+from .rcnn_ops import DeltaCoder
 
 WH_CLIP = math.log(1000.0 / 16)  # MMDetection's wh_ratio_clip 16/1000, on both sides
 
@@ -105,13 +105,12 @@ def atss_assign(anchors: Tensor, num_level: Sequence[int], gt_boxes: Tensor, top
     sides = torch.stack([c[..., 0] - gt_boxes[None, :, 0], c[..., 1] - gt_boxes[None, :, 1],
                          gt_boxes[None, :, 2] - c[..., 0], gt_boxes[None, :, 3] - c[..., 1]], -1)
     is_pos &= sides.min(-1).values > 0.01
+    # [G, N]: each GT's IoU with the anchors it is positive for, -inf elsewhere (a GT's candidates are distinct
+    # anchors, so a plain scatter; no boolean-mask indexing, whose data-dependent shape would sync)
     masked = torch.full((g, n), float("-inf"), device=anchors.device)
-    gt_idx = torch.arange(g, device=anchors.device)[None].expand_as(cand)
-    masked[gt_idx[is_pos], cand[is_pos]] = ious.t()[gt_idx[is_pos], cand[is_pos]]
+    masked = masked.scatter(1, cand.t(), torch.where(is_pos, cand_iou, float("-inf")).t())
     best, arg = masked.t().max(1)  # highest IoU among the GTs the anchor is positive for
-    pos = best != float("-inf")
-    assigned[pos] = arg[pos]
-    return assigned
+    return torch.where(best != float("-inf"), arg, assigned)
 
 
 def centerness_target(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -165,7 +164,7 @@ class ATSSHead(nn.Module):
         self.atss_reg = nn.Conv2d(channels, 4, 3, padding=1)
         self.atss_centerness = nn.Conv2d(channels, 1, 3, padding=1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
-        self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0), bbox_xform_clip=WH_CLIP)  # stds (0.1, 0.1, 0.2, 0.2)
+        self.coder = DeltaCoder((10.0, 10.0, 5.0, 5.0), bbox_xform_clip=WH_CLIP)  # stds (0.1, 0.1, 0.2, 0.2)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -202,10 +201,12 @@ class ATSSHead(nn.Module):
         ``idx``: the valid anchors (device), ``per_level``: their number per level (``valid_index``)."""
         labels = torch.full((anchors.shape[0],), self.num_classes, dtype=torch.long, device=anchors.device)
         boxes = anchors.new_zeros(anchors.shape)
+        if target["labels"].numel() == 0:
+            return labels, boxes
         assigned = atss_assign(anchors[idx], per_level, target["boxes"], self.topk)
-        pos = assigned >= 0
-        labels[idx[pos]] = target["labels"][assigned[pos]]
-        boxes[idx[pos]] = target["boxes"][assigned[pos]].to(boxes.dtype)
+        pos, gt = assigned >= 0, assigned.clamp(min=0)  # without boolean-mask indexing (a sync on a GPU)
+        labels[idx] = torch.where(pos, target["labels"][gt], self.num_classes)
+        boxes[idx] = torch.where(pos[:, None], target["boxes"][gt].to(boxes.dtype), 0.0)
         return labels, boxes
 
     def forward(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],

@@ -34,14 +34,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from util.misc import host_tensor_to
 
 from .common import AuxHeadOutput
-from .rcnn_ops import DELTA_CLIP, decode_deltas, max_iou_assign, multilevel_roi_align, random_sample
+from .rcnn_ops import DELTA_CLIP, DeltaCoder, decode_deltas, max_iou_assign, multilevel_roi_align, random_sample
 from .rcnn_rpn import AuxRPN
 
 
@@ -90,7 +89,7 @@ class RCNNAuxHead(nn.Module):
         self.box_head = TwoMLPHead(in_channels * roi_output_size ** 2, fc_channels)
         self.cls_score = nn.Linear(fc_channels, num_classes + 1)
         self.bbox_pred = nn.Linear(fc_channels, num_classes * 4)
-        self.box_coder = BoxCoder(weights=tuple(1.0 / s for s in box_stds), bbox_xform_clip=DELTA_CLIP)
+        self.box_coder = DeltaCoder(weights=tuple(1.0 / s for s in box_stds), bbox_xform_clip=DELTA_CLIP)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:

@@ -13,11 +13,19 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from .rcnn_ops import DELTA_CLIP, base_anchors, decode_deltas, grid_anchors, max_iou_assign, random_sample, valid_flags
+from .rcnn_ops import (
+    DELTA_CLIP,
+    DeltaCoder,
+    base_anchors,
+    decode_deltas,
+    grid_anchors,
+    max_iou_assign,
+    random_sample,
+    valid_flags,
+)
 
 
 class AuxRPN(nn.Module):
@@ -43,7 +51,7 @@ class AuxRPN(nn.Module):
                                  persistent=False)
         self.num_anchors = len(ratios) * scales_per_octave
         self.head = RPNHead(in_channels, self.num_anchors)
-        self.coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0), bbox_xform_clip=DELTA_CLIP)
+        self.coder = DeltaCoder(weights=(1.0, 1.0, 1.0, 1.0), bbox_xform_clip=DELTA_CLIP)
         self.pos_iou, self.neg_iou, self.min_pos_iou = pos_iou, neg_iou, min_pos_iou
         self.num_samples, self.pos_fraction = num_samples, pos_fraction
         self.pre_nms_top_n, self.nms_iou, self.post_nms_top_n = pre_nms_top_n, nms_iou, post_nms_top_n
