@@ -183,6 +183,55 @@ def test_delta_coder_is_torchvisions_bitwise(weights):
     assert torch.equal(a.grad, b.grad)
 
 
+def test_giou_loss_is_torchvisions_bitwise():
+    """The mask-free GIoU loss gives torchvision's values and gradients bit for bit (overlapping, disjoint,
+    nested and touching pairs)."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    from models.addons.co_detr.rcnn_ops import giou_loss
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(64, 2, generator=g) * 50
+    boxes1 = torch.cat([xy, xy + torch.rand(64, 2, generator=g) * 30 + 0.5], 1)
+    shift = torch.randn(64, 2, generator=g) * 20
+    boxes2 = torch.cat([xy + shift, xy + shift + torch.rand(64, 2, generator=g) * 30 + 0.5], 1)
+    boxes2[:4] = boxes1[:4]  # identical
+    boxes2[4:6] = boxes1[4:6] + torch.tensor([100.0, 100.0, 100.0, 100.0])  # disjoint
+    boxes2[6, :2], boxes2[6, 2:] = boxes1[6, 2:], boxes1[6, 2:] + 5  # touching at a corner
+    a1, a2 = boxes1.clone().requires_grad_(), boxes2.clone().requires_grad_()
+    b1, b2 = boxes1.clone().requires_grad_(), boxes2.clone().requires_grad_()
+    ref, ours = generalized_box_iou_loss(a1, a2, reduction="none"), giou_loss(b1, b2)
+    assert torch.equal(ours, ref)
+    weights = torch.rand(64, generator=g)
+    (ref * weights).sum().backward()
+    (ours * weights).sum().backward()
+    assert torch.equal(a1.grad, b1.grad) and torch.equal(a2.grad, b2.grad)
+
+
+def test_assigner_and_host_sampler_are_the_reference_ones():
+    """max_iou_assign's thresholds equal torchvision's Matcher; the host sampler draws what the device one
+    draws (the same CPU generator calls, the same sorted indices)."""
+    from torchvision.models.detection._utils import Matcher
+
+    from models.addons.co_detr.rcnn_ops import random_sample_host
+    g = torch.Generator().manual_seed(0)
+    ious = torch.rand(5, 300, generator=g)
+    ious[2, :40] = 0.5  # ties at the thresholds
+    matches = Matcher(0.5, 0.3, allow_low_quality_matches=False)(ious)
+    expected = torch.where(matches >= 0, matches + 1, torch.where(matches == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+    gt_inds = max_iou_assign(ious, 0.5, 0.3, 0.5, low_quality=False)
+    assert torch.equal(gt_inds, expected)
+    for num, fraction in ((16, 0.25), (256, 0.5), (1000, 0.25)):
+        torch.manual_seed(3)
+        pos, neg = random_sample(gt_inds, num, fraction)
+        torch.manual_seed(3)
+        host_pos, host_neg = random_sample_host(gt_inds.numpy(), num, fraction)
+        assert pos.tolist() == host_pos.tolist() and neg.tolist() == host_neg.tolist()
+        after_host = torch.randint(1000, (1,)).item()  # the generator advanced as far by both
+        torch.manual_seed(3)
+        random_sample(gt_inds, num, fraction)
+        assert torch.randint(1000, (1,)).item() == after_host
+
+
 def test_decode_clamps_both_sides():
     coder = AuxRPN(in_channels=4, strides=(8,)).coder
     anchor = torch.tensor([[0.0, 0.0, 100.0, 100.0]])

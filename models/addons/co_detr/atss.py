@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from util.misc import all_reduce_mean, host_tensor_to
 
 from .common import AuxHeadOutput
 from .pyramid import gn_groups
-from .rcnn_ops import DeltaCoder
+from .rcnn_ops import DeltaCoder, giou_loss
 
 WH_CLIP = math.log(1000.0 / 16)  # MMDetection's wh_ratio_clip 16/1000, on both sides
 
@@ -242,7 +242,7 @@ class ATSSHead(nn.Module):
         loss_cls = (focal * valid[..., None].to(focal.dtype)).sum() / num_pos
         if pos.any():
             decoded = self.decode(reg[pos], pos_anchors)
-            giou = generalized_box_iou_loss(decoded, boxes[pos], reduction="none")
+            giou = giou_loss(decoded, boxes[pos])
             loss_giou = (giou * ctr_target).sum() / ctr_sum
             loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum") / num_pos
         else:  # still touch every parameter (DDP without find_unused_parameters)

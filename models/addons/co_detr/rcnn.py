@@ -31,16 +31,26 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import box_iou
 
 from util.misc import host_tensor_to
 
+from ...matcher import to_host
 from .common import AuxHeadOutput
-from .rcnn_ops import DELTA_CLIP, DeltaCoder, decode_deltas, max_iou_assign, multilevel_roi_align, random_sample
+from .rcnn_ops import (
+    DELTA_CLIP,
+    DeltaCoder,
+    decode_deltas,
+    giou_loss,
+    max_iou_assign,
+    multilevel_roi_align,
+    random_sample_host,
+)
 from .rcnn_rpn import AuxRPN
 
 
@@ -111,35 +121,58 @@ class RCNNAuxHead(nn.Module):
             rois [N, 4], labels [N] (background = num_classes), matched ground-truth boxes [N, 4] (zeros for
             background); positives first.
         """
-        gt_boxes, gt_labels = gt_boxes.to(proposals), gt_labels.to(proposals.device)
-        gt_inds = max_iou_assign(box_iou(gt_boxes, proposals), self.roi_pos_iou, self.roi_neg_iou,
-                                 self.roi_pos_iou, low_quality=False)
-        boxes = proposals
-        if self.roi_add_gt and gt_boxes.shape[0] > 0:
-            boxes = torch.cat([gt_boxes, proposals])
-            gt_inds = torch.cat([torch.arange(1, gt_boxes.shape[0] + 1, device=gt_inds.device), gt_inds])
-        pos, neg = random_sample(gt_inds, self.roi_num_samples, self.roi_pos_fraction)
-        matched = gt_inds[pos] - 1
-        labels = torch.cat([gt_labels[matched], gt_labels.new_full((neg.numel(),), self.num_classes)])
-        targets = torch.cat([gt_boxes[matched], boxes.new_zeros(neg.numel(), 4)])
-        return torch.cat([boxes[pos], boxes[neg]]), labels, targets
+        rois, labels, targets, _ = self.sample_batch([proposals], [{"boxes": gt_boxes, "labels": gt_labels}])[0]
+        return rois, labels, targets
+
+    def sample_batch(self, proposals: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
+                     ) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+        """``sample_rois`` of every image with one host copy: each image's assignment on the device, one copy of
+        them all, MMDetection's sampling on the host (its draws, image by image, in the same order), one upload.
+        Also returns each image's number of positives (its first rows)."""
+        images = []
+        for props, t in zip(proposals, targets):
+            gt_boxes, gt_labels = t["boxes"].to(props), t["labels"].to(props.device)
+            gt_inds = max_iou_assign(box_iou(gt_boxes, props), self.roi_pos_iou, self.roi_neg_iou,
+                                     self.roi_pos_iou, low_quality=False)
+            boxes = props
+            if self.roi_add_gt and gt_boxes.shape[0] > 0:
+                boxes = torch.cat([gt_boxes, props])
+                gt_inds = torch.cat([torch.arange(1, gt_boxes.shape[0] + 1, device=gt_inds.device), gt_inds])
+            images.append((boxes, gt_boxes, gt_labels, gt_inds))
+        host = to_host([gt_inds for *_, gt_inds in images])
+        picks = []
+        for gt_inds in host:
+            pos, neg = random_sample_host(gt_inds.numpy(), self.roi_num_samples, self.roi_pos_fraction)
+            picks += [pos, neg, gt_inds.numpy()[pos] - 1]
+        device = proposals[0].device if len(proposals) else torch.device("cpu")
+        flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *picks]), torch.long, device)
+        parts = iter(flat.split([len(p) for p in picks]))
+        out = []
+        for boxes, gt_boxes, gt_labels, _ in images:
+            pos, neg, matched = next(parts), next(parts), next(parts)
+            labels = torch.cat([gt_labels[matched], gt_labels.new_full((neg.numel(),), self.num_classes)])
+            box_targets = torch.cat([gt_boxes[matched], boxes.new_zeros(neg.numel(), 4)])
+            out.append((torch.cat([boxes[pos], boxes[neg]]), labels, box_targets, pos.numel()))
+        return out
 
     def roi_loss(self, class_logits: Tensor, box_deltas: Tensor, rois: Tensor, labels: Tensor,
-                 targets: Tensor) -> dict[str, Tensor]:
+                 targets: Tensor, pos: Tensor | None = None) -> dict[str, Tensor]:
         """Softmax CE over all sampled RoIs and GIoU of the positives' class-specific boxes, both / RoI count.
 
         Args:
             class_logits: [N, num_classes + 1]; box_deltas: [N, num_classes * 4]; rois: [N, 4] xyxy;
             labels: [N]; targets: [N, 4] xyxy pixels.
+            pos: the positive rows, ascending (None: found from the labels, a host-device sync).
         """
         count = max(rois.shape[0], 1)
         loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / count
-        pos = torch.nonzero(labels < self.num_classes).reshape(-1)
+        if pos is None:
+            pos = torch.nonzero(labels < self.num_classes).reshape(-1)
         if pos.numel() == 0:
             return {"loss_rcnn_cls": loss_cls, "loss_rcnn_giou": box_deltas[pos].sum()}
         deltas = box_deltas[pos].reshape(pos.numel(), -1, 4)[torch.arange(pos.numel(), device=pos.device), labels[pos]]
         boxes = decode_deltas(self.box_coder, deltas, rois[pos])
-        loss_giou = generalized_box_iou_loss(boxes, targets[pos], reduction="sum") / count
+        loss_giou = giou_loss(boxes, targets[pos]).sum() / count
         return {"loss_rcnn_cls": loss_cls, "loss_rcnn_giou": loss_giou}
 
     def forward(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
@@ -160,19 +193,21 @@ class RCNNAuxHead(nn.Module):
             raise ValueError(f"RCNN head: batch of {feats[0].shape[0]} maps, {len(image_sizes)} image sizes, "
                              f"{len(targets)} targets")
         losses, proposals = self.rpn(feats, image_sizes, targets)
-        samples = [self.sample_rois(p, t["boxes"], t["labels"]) for p, t in zip(proposals, targets)]
+        samples = self.sample_batch(proposals, targets)
         counts = [s[0].shape[0] for s in samples]
         rois = torch.cat([s[0] for s in samples])
         labels, box_targets = torch.cat([s[1] for s in samples]), torch.cat([s[2] for s in samples])
-        batch_idx = host_tensor_to(torch.repeat_interleave(torch.arange(len(samples)), torch.as_tensor(counts)),
-                                   torch.long, rois.device)
+        starts = np.cumsum([0] + counts[:-1])
+        pos = host_tensor_to(np.concatenate([np.zeros(0, np.int64)] + [start + np.arange(s[3])
+                                            for start, s in zip(starts, samples)]), torch.long, rois.device)
+        batch_idx = host_tensor_to(np.repeat(np.arange(len(samples)), counts), torch.long, rois.device)
         levels = self.num_roi_levels
         pooled = multilevel_roi_align(list(feats[:levels]), torch.cat([batch_idx[:, None].to(rois), rois], 1),
                                       self.strides[:levels], self.finest_scale, self.roi_output_size,
                                       self.roi_sampling_ratio)
         hidden = self.box_head(pooled)
         class_logits, box_deltas = self.cls_score(hidden).float(), self.bbox_pred(hidden).float()
-        losses.update(self.roi_loss(class_logits, box_deltas, rois, labels, box_targets))
+        losses.update(self.roi_loss(class_logits, box_deltas, rois, labels, box_targets, pos))
         if rois.shape[0] == 0:  # no proposal and no ground truth anywhere: keep every parameter in the graph
             touch = sum(p.sum() for p in self.parameters()) * 0.0
             losses = {k: v + touch for k, v in losses.items()}

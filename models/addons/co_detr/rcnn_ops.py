@@ -1,8 +1,8 @@
 """Box-level pieces of Co-DETR's Faster R-CNN auxiliary head (specs/co_detr_od_detr.md §1.5 (a)-(b), §1.11).
 
 Everything here computes what MMDetection 2.x computes in the official Co-DETR configs; torchvision parts are
-used where they compute the same thing (``Matcher`` for the IoU thresholds, ``BoxCoder`` for the deltas,
-``roi_align``). What torchvision does differently is written here:
+used where they compute the same thing (``BoxCoder``'s encoding, ``roi_align``; ``max_iou_assign`` writes its
+``Matcher``'s thresholds with ``where``). What torchvision does differently is written here:
 
 * anchors from the configured strides (torchvision infers the stride from image / feature size and rounds the
   base anchors), MMDetection sizes and centre offset 0, and MMDetection's per-image "valid" flags;
@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder, Matcher, encode_boxes
+from torchvision.models.detection._utils import BoxCoder, encode_boxes
 from torchvision.ops import roi_align
 
 DELTA_CLIP = math.log(1000.0 / 16)  # MMDetection's wh_ratio_clip = 16 / 1000, the same as torchvision's default
@@ -60,6 +61,26 @@ class DeltaCoder(BoxCoder):
         half_w, half_h = 0.5 * (torch.exp(dw) * widths[:, None]), 0.5 * (torch.exp(dh) * heights[:, None])
         return torch.stack((centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h),
                            dim=2).flatten(1)
+
+
+def giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 - GIoU of matched xyxy pairs [N, 4], [N, 4] -> [N]: torchvision's ``generalized_box_iou_loss`` (no
+    reduction), operation for operation, with the intersection of non-overlapping pairs set to 0 by ``where``
+    instead of boolean-mask indexing (a host-device sync on a GPU). Bitwise the same values and gradients: the
+    boxes are unpacked twice, as there, so that each unpacked coordinate's gradient sums at most two terms (their
+    order then does not matter)."""
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    left, top = torch.max(x1, x1g), torch.max(y1, y1g)
+    right, bottom = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlaps = (bottom > top) & (right > left)
+    inter = torch.where(overlaps, (right - left) * (bottom - top), torch.zeros_like(x1))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - ((hull - union) / (hull + eps)))
 
 
 def base_anchors(stride: int, octave_base_scale: float, scales_per_octave: int,
@@ -116,6 +137,20 @@ def valid_flags(feat_size: tuple[int, int], stride: int, image_size: tuple[int, 
     return (ys[:, None] & xs[None, :]).reshape(-1, 1).expand(-1, num_base).reshape(-1)
 
 
+def valid_index(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int], image_size: tuple[int, int],
+                num_base: int) -> np.ndarray:
+    """``valid_flags`` of every level (concatenated) as host data: the valid anchors' indices, ascending, from
+    the sizes alone (``nonzero`` of the flags would be a host-device sync)."""
+    index, start = [], 0
+    for (feat_h, feat_w), stride in zip(feat_sizes, strides):
+        valid_h = min(math.ceil(image_size[0] / stride), feat_h)
+        valid_w = min(math.ceil(image_size[1] / stride), feat_w)
+        locations = (np.arange(valid_h)[:, None] * feat_w + np.arange(valid_w)[None]).ravel()
+        index.append(start + (locations[:, None] * num_base + np.arange(num_base)[None]).ravel())
+        start += feat_h * feat_w * num_base
+    return np.concatenate(index).astype(np.int64)
+
+
 def max_iou_assign(ious: Tensor, pos_iou: float, neg_iou: float, min_pos_iou: float,
                    low_quality: bool) -> Tensor:
     """MMDetection's MaxIoUAssigner on a [G, N] IoU matrix (ground truth x boxes).
@@ -130,8 +165,10 @@ def max_iou_assign(ious: Tensor, pos_iou: float, neg_iou: float, min_pos_iou: fl
         return torch.zeros(0, dtype=torch.int64, device=ious.device)
     if num_gt == 0:
         return torch.zeros(num_boxes, dtype=torch.int64, device=ious.device)
-    matches = Matcher(pos_iou, neg_iou, allow_low_quality_matches=False)(ious)
-    gt_inds = torch.where(matches >= 0, matches + 1, torch.where(matches == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+    # torchvision's Matcher (best ground truth per box; below neg_iou -> negative, between -> ignored), written
+    # with where: its boolean-mask assignments count as syncs
+    best, matches = ious.max(dim=0)
+    gt_inds = torch.where(best < neg_iou, 0, torch.where(best < pos_iou, -1, matches + 1))
     if low_quality:
         gt_max = ious.max(dim=1).values
         hits = (ious == gt_max[:, None]) & (gt_max[:, None] >= min_pos_iou)
@@ -143,6 +180,21 @@ def max_iou_assign(ious: Tensor, pos_iou: float, neg_iou: float, min_pos_iou: fl
 def _random_choice(pool: Tensor, num: int) -> Tensor:
     """``num`` of ``pool`` drawn with ``torch.randperm`` on the CPU global generator (MMDetection)."""
     return pool[torch.randperm(pool.numel())[:num].to(pool.device)]
+
+
+def random_sample_host(gt_inds: np.ndarray, num: int, pos_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``random_sample`` on a host copy of ``gt_inds`` (numpy): the same draws on the CPU global generator, in the
+    same order, the same sorted indices."""
+    num_pos = int(num * pos_fraction)
+    pos = np.flatnonzero(gt_inds > 0)
+    if pos.size > num_pos:
+        pos = pos[torch.randperm(pos.size)[:num_pos].numpy()]
+    pos = np.unique(pos)
+    num_neg = num - pos.size
+    neg = np.flatnonzero(gt_inds == 0)
+    if neg.size > num_neg:
+        neg = neg[torch.randperm(neg.size)[:num_neg].numpy()]
+    return pos, np.unique(neg)
 
 
 def random_sample(gt_inds: Tensor, num: int, pos_fraction: float) -> tuple[Tensor, Tensor]:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
+from util.misc import host_tensor_to
+
+from ...matcher import to_host
 from .rcnn_ops import (
     DELTA_CLIP,
     DeltaCoder,
@@ -23,8 +27,8 @@ from .rcnn_ops import (
     decode_deltas,
     grid_anchors,
     max_iou_assign,
-    random_sample,
-    valid_flags,
+    random_sample_host,
+    valid_index,
 )
 
 
@@ -99,21 +103,29 @@ class AuxRPN(nn.Module):
             logits: [B, N] objectness; deltas: [B, N, 4]; N = all anchors of all levels.
         """
         anchors = torch.cat(level_anchors)
+        device = anchors.device
+        # The valid anchors from the sizes (host), every image's assignment on the device, one copy of them all,
+        # the sampling on the host (MMDetection's draws, image by image), one upload of the sampled anchors.
+        valid = [valid_index(sizes, self.strides, image_sizes[b], self.num_anchors) for b in range(len(targets))]
+        valid_dev = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *valid]), torch.long, device)
+        valid_dev = valid_dev.split([len(v) for v in valid])
+        gts = [t["boxes"].to(anchors) for t in targets]
+        assigned = to_host([max_iou_assign(box_iou(gt, anchors[idx]), self.pos_iou, self.neg_iou, self.min_pos_iou,
+                                           low_quality=True) for gt, idx in zip(gts, valid_dev)])
+        picks = []  # per image: the sampled positive and negative anchors, each positive's ground truth
+        for v, gt_inds in zip(valid, assigned):
+            pos, neg = random_sample_host(gt_inds.numpy(), self.num_samples, self.pos_fraction)
+            picks += [v[pos], v[neg], gt_inds.numpy()[pos] - 1]
+        flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *picks]), torch.long, device)
+        parts = iter(flat.split([len(p) for p in picks]))
         cls_sum, box_sum, count = logits.new_zeros(()), logits.new_zeros(()), 0
-        for b, target in enumerate(targets):
-            valid = torch.cat([valid_flags(size, s, image_sizes[b], self.num_anchors, anchors.device)
-                               for size, s in zip(sizes, self.strides)])
-            valid_idx = torch.nonzero(valid).reshape(-1)
-            gt = target["boxes"].to(anchors)
-            gt_inds = max_iou_assign(box_iou(gt, anchors[valid_idx]), self.pos_iou, self.neg_iou, self.min_pos_iou,
-                                     low_quality=True)
-            pos, neg = random_sample(gt_inds, self.num_samples, self.pos_fraction)
-            count += max(pos.numel(), 1) + max(neg.numel(), 1)
-            pos_all, neg_all = valid_idx[pos], valid_idx[neg]
+        for b, gt in enumerate(gts):
+            pos_all, neg_all, matched = next(parts), next(parts), next(parts)
+            count += max(pos_all.numel(), 1) + max(neg_all.numel(), 1)
             picked = logits[b, torch.cat([pos_all, neg_all])]
-            labels = torch.cat([picked.new_ones(pos.numel()), picked.new_zeros(neg.numel())])
+            labels = torch.cat([picked.new_ones(pos_all.numel()), picked.new_zeros(neg_all.numel())])
             cls_sum = cls_sum + F.binary_cross_entropy_with_logits(picked, labels, reduction="sum")
-            box_targets = self.coder.encode_single(gt[gt_inds[pos] - 1], anchors[pos_all])
+            box_targets = self.coder.encode_single(gt[matched], anchors[pos_all])
             box_sum = box_sum + (deltas[b, pos_all] - box_targets).abs().sum()
         return {"loss_rpn_cls": cls_sum / count, "loss_rpn_bbox": box_sum / count}
 
