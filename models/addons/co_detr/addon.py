@@ -159,15 +159,17 @@ class CoDETR(AddOn):
                                meta={LOSSES_META: losses})]
         groups = []
         flat = None
-        host = to_host([lab for head in self.heads for lab in outs[head].labels])  # every head's labels, one copy
-        host_labels = {head: host[i * len(sizes):(i + 1) * len(sizes)] for i, head in enumerate(self.heads)}
+        copied = [head for head in self.heads if outs[head].host_positive is None]  # heads that need the copy
+        host = to_host([lab for head in copied for lab in outs[head].labels])  # their labels, one copy
+        host_labels = {head: host[i * len(sizes):(i + 1) * len(sizes)] for i, head in enumerate(copied)}
         for k, head in enumerate(self.heads):
             out = outs[head]
             entry_feats = out.feats
             if entry_feats is None and self.mod.queries.with_coord_feat:  # ATSS: the pyramid at every anchor
                 flat = flat if flat is not None else torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)
                 entry_feats = list(flat.unbind(0))
-            sel = select_positives(out, sizes, self.num_classes, entry_feats, self.max_pos_coords, host_labels[head])
+            sel = select_positives(out, sizes, self.num_classes, entry_feats, self.max_pos_coords,
+                                   host_labels.get(head))
             tgt, query_pos = self.mod.queries(k, sel.boxes, sel.feats)
             indices = [(torch.arange(p, device=tgt.device), torch.arange(p, device=tgt.device)) for p in sel.num_pos]
             meta: dict[str, Any] = {"targets": sel.targets, "indices": indices, "num_pos": float(sum(sel.num_pos))}

@@ -26,6 +26,7 @@ from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from util.misc import all_reduce_mean, host_tensor_to
 
+from ...matcher import to_host
 from .common import AuxHeadOutput
 from .pyramid import gn_groups
 from .rcnn_ops import DeltaCoder, giou_loss
@@ -231,8 +232,12 @@ class ATSSHead(nn.Module):
         labels = torch.stack([a[0] for a in assigned])  # [B, S]
         boxes = torch.stack([a[1] for a in assigned])  # [B, S, 4]
         pos = labels < self.num_classes
-        pos_anchors = anchors[None].expand_as(boxes)[pos]
-        ctr_target = centerness_target(pos_anchors, boxes[pos])
+        # the positives on the host (one copy; also what the positive queries draw from): indexing with them in
+        # the boolean mask's (row-major) order needs no data-dependent shape on the device
+        host_pos = to_host([pos])[0].numpy()
+        pos_b, pos_s = host_tensor_to(np.stack(np.nonzero(host_pos)), torch.long, device).unbind(0)
+        pos_anchors = anchors[pos_s]
+        ctr_target = centerness_target(pos_anchors, boxes[pos_b, pos_s])
         local = torch.stack([pos.sum(1).clamp(min=1).sum().float(), ctr_target.sum()])
         num_pos, ctr_sum = all_reduce_mean(local).unbind(0)  # one collective for both normalisers
         num_pos, ctr_sum = num_pos.clamp(min=1.0), ctr_sum.clamp(min=1.0)
@@ -240,15 +245,15 @@ class ATSSHead(nn.Module):
         onehot = F.one_hot(labels, self.num_classes + 1)[..., :-1].to(cls.dtype)
         focal = sigmoid_focal_loss(cls, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
         loss_cls = (focal * valid[..., None].to(focal.dtype)).sum() / num_pos
-        if pos.any():
-            decoded = self.decode(reg[pos], pos_anchors)
-            giou = giou_loss(decoded, boxes[pos])
+        if host_pos.any():
+            decoded = self.decode(reg[pos_b, pos_s], pos_anchors)
+            giou = giou_loss(decoded, boxes[pos_b, pos_s])
             loss_giou = (giou * ctr_target).sum() / ctr_sum
-            loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum") / num_pos
+            loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos_b, pos_s], ctr_target, reduction="sum") / num_pos
         else:  # still touch every parameter (DDP without find_unused_parameters)
             loss_giou, loss_ctr = reg.sum() * 0, ctr.sum() * 0
         coords = anchors[None].expand_as(boxes) * valid[..., None].to(anchors.dtype)  # invalid anchors: zeros
         return AuxHeadOutput(losses={"loss_atss_cls": loss_cls, "loss_atss_giou": loss_giou,
                                      "loss_atss_centerness": loss_ctr},
                              coords=list(coords.unbind(0)), labels=list(labels.unbind(0)),
-                             box_targets=list(boxes.unbind(0)), feats=None)
+                             box_targets=list(boxes.unbind(0)), feats=None, host_positive=list(host_pos))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 
 
@@ -25,6 +26,8 @@ class AuxHeadOutput:
         box_targets: per image [N_b, 4] assigned ground-truth box, xyxy pixels (zeros for background).
         feats: per image [N_b, C] content feature of each entry (RoI head: the pooled RoI feature averaged over
             the 7x7 grid), or None when the builder takes the feature elsewhere (ATSS: the memory).
+        host_positive: per image [N_b] bool on the host, ``labels < num_classes`` (a head that knows it without
+            reading the device), or None (the builder copies the labels).
     """
 
     losses: dict[str, Tensor]
@@ -32,3 +35,4 @@ class AuxHeadOutput:
     labels: list[Tensor]
     box_targets: list[Tensor]
     feats: list[Tensor] | None = None
+    host_positive: list[np.ndarray] | None = None

@@ -82,15 +82,20 @@ def select_positives(out: AuxHeadOutput, sizes: Sequence[tuple[int, int]], num_c
         sizes: unpadded (h, w) per image.
         feats: per image [N_b, C] content feature of every entry (ATSS: the pyramid at the anchor), or None.
         host_labels: host copies of ``out.labels`` (the caller's one copy for every head); None: copied here.
+            Neither is read when the head gives ``host_positive``.
 
     The positives and negatives are found on the host (numpy, from one copy of the labels), the draws are the
     official CPU ``randperm`` in its order (per image the positives' subset, then the padding negatives), and the
     chosen entries go back to the device in one non-blocking upload: no other host-device sync.
     """
     labels = out.labels
-    host = [h.numpy() for h in (host_labels if host_labels is not None else to_host(list(labels)))]
-    positives = [np.flatnonzero(h < num_classes) for h in host]
-    negatives = [np.flatnonzero(h == num_classes) for h in host]
+    if out.host_positive is not None:  # the head knows its positives on the host (labels: a class or background)
+        positives = [np.flatnonzero(h) for h in out.host_positive]
+        negatives = [np.flatnonzero(~h) for h in out.host_positive]
+    else:
+        host = [h.numpy() for h in (host_labels if host_labels is not None else to_host(list(labels)))]
+        positives = [np.flatnonzero(h < num_classes) for h in host]
+        negatives = [np.flatnonzero(h == num_classes) for h in host]
     n = group_size([len(p) for p in positives], max_pos_coords)
     chosen = []  # per image (positives kept, entries taken)
     for pos, neg in zip(positives, negatives):

@@ -214,5 +214,7 @@ class RCNNAuxHead(nn.Module):
         n = min([self.max_exported] + counts)
         mean_feats = pooled.mean(dim=(-2, -1)).split(counts)
         split = [x.split(counts) for x in (rois, labels, box_targets)]
+        positive = [np.arange(n) < s[3] for s in samples]  # each image's positives are its first rows
         return AuxHeadOutput(losses=losses, coords=[x[:n] for x in split[0]], labels=[x[:n] for x in split[1]],
-                             box_targets=[x[:n] for x in split[2]], feats=[x[:n] for x in mean_feats])
+                             box_targets=[x[:n] for x in split[2]], feats=[x[:n] for x in mean_feats],
+                             host_positive=positive)

@@ -151,7 +151,7 @@ class AuxRPN(nn.Module):
             level_ids.append(torch.full_like(score, lvl, dtype=torch.int64))
         score, ids = torch.cat(scores), torch.cat(level_ids)
         box = clip_boxes_to_image(torch.cat(boxes), image_size)
-        keep = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+        keep = ((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])).nonzero().squeeze(1)  # one sync, not three
         box, score, ids = box[keep], score[keep], ids[keep]
         keep = batched_nms(box, score, ids, self.nms_iou)[:self.post_nms_top_n]
         return box[keep]
