@@ -25,6 +25,10 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, encode_boxes
 from torchvision.ops import roi_align
 
+from util.misc import host_tensor_to
+
+from ...matcher import to_host
+
 DELTA_CLIP = math.log(1000.0 / 16)  # MMDetection's wh_ratio_clip = 16 / 1000, the same as torchvision's default
 
 
@@ -265,9 +269,12 @@ def multilevel_roi_align(feats: Sequence[Tensor], rois: Tensor, strides: Sequenc
         [N, C, output_size, output_size].
     """
     levels = map_roi_levels(rois[:, 1:], len(feats), finest_scale)
+    # every level's RoIs from one host copy of the levels and one upload (not a nonzero per level: each a sync)
+    host = to_host([levels])[0].numpy()
+    per_level = [np.flatnonzero(host == lvl) for lvl in range(len(feats))]
+    flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *per_level]), torch.long, rois.device)
     out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)
-    for lvl, (feat, stride) in enumerate(zip(feats, strides)):
-        inds = torch.nonzero(levels == lvl).reshape(-1)
+    for feat, stride, inds in zip(feats, strides, flat.split([len(x) for x in per_level])):
         if inds.numel() > 0:
             out[inds] = roi_align(feat, rois[inds].to(feat.dtype), output_size, spatial_scale=1.0 / stride,
                                   sampling_ratio=sampling_ratio, aligned=True).to(out.dtype)
