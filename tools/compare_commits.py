@@ -1,6 +1,7 @@
 """Check that a refactor changed nothing: losses and every gradient, bitwise, against another commit.
 
     python tools/compare_commits.py HEAD~1            # every model x add-on configuration below
+    python tools/compare_commits.py f6e69cc --only teach od co_detr
 
 The other commit is checked out in a temporary git worktree; each configuration is built there and
 here from the same flags, the other tree's weights are loaded here (strictly: parameter names must not
@@ -35,6 +36,26 @@ CONFIGS = {
     "dino": "-m dino",
     "dino_hybrid_ms": "-m dino --num_queries_one2many 6 --use_ms_detr --use_aux_ffn",
     "dino_no_dn": "-m dino --no-use_dn",
+    "detr": "-m detr",
+    "conditional_detr": "-m conditional_detr",
+    "dn_dab_detr": "-m dn_dab_detr --use_dn",
+    "yolos": "-m yolos --backbone_name tiny --init_pe_size 64 96 --mid_pe_size 64 64",
+    # the add-ons the criterion reaches through the step context (teacher boxes in the targets, the EMA teacher)
+    "teach": "--with_box_refine --two_stage --ensemble --ext_ann_files t=unused.json",
+    "teach_dino": "-m dino --ensemble --ext_ann_files t=unused.json",
+    "od": "--with_box_refine --two_stage --use_ema --addons od",
+    "co_detr": "--with_box_refine --two_stage --addons co_detr",
+    "co_dino": "-m dino --use_dn --addons co_detr",
+}
+# With the pretrained models' frozen BatchNorm and stem max pool (weights=None still: nothing is downloaded), fp32
+# and CPU bf16 autocast (--amp).
+FROZEN = TINY.replace(" --backbone_from_scratch", "")
+FROZEN_CONFIGS = {
+    "frozen_bn_deformable_two_stage": "--with_box_refine --two_stage",
+    "frozen_bn_deformable_two_stage_amp": "--with_box_refine --two_stage --amp",
+    "frozen_bn_dino_amp": "-m dino --amp",
+    "frozen_bn_detr_amp": "-m detr --amp",
+    "frozen_bn_conditional_detr": "-m conditional_detr",
 }
 
 PROBE = r'''
@@ -57,10 +78,26 @@ targets = [{"labels": torch.tensor([1, 3, 4]),
             "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2], [0.7, 0.8, 0.3, 0.2]])},
            {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
            {"labels": torch.tensor([2, 2]), "boxes": torch.tensor([[0.3, 0.6, 0.2, 0.2], [0.35, 0.6, 0.25, 0.3]])}]
+if "--ensemble" in flags:  # merged teacher boxes, as the data path delivers them
+    for t, n in zip(targets, (3, 2, 1)):
+        t.update({"ext_boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.2, "ext_merged": True,
+                  "ext_labels": torch.randint(0, 4, (n,), generator=g), "ext_scores": torch.rand(n, generator=g),
+                  "ext_teacher": torch.zeros(n, dtype=torch.int64)})
 model.train()
+samples = nested_tensor_from_tensor_list(images)
+kwargs = {}
+if "--addons" in flags or "--ensemble" in flags:  # the add-ons' step context (and an EMA teacher with --use_ema)
+    from models.addons.base import StepContext
+    from util.ema import ModelEMA
+    ema = ModelEMA(model, 0.9, 0).module if "--use_ema" in flags else None
+    ctx = StepContext(images=samples, targets=targets, epoch=0, step=0, ema=ema)
+    for addon in criterion.addons:
+        addon.before_forward(model, ctx)
+    kwargs = {"ctx": ctx}
 torch.manual_seed(123)
-outputs = model(nested_tensor_from_tensor_list(images), targets)
-losses = criterion(outputs, targets)
+with torch.autocast("cpu", dtype=torch.bfloat16, enabled="--amp" in flags):
+    outputs = model(samples, targets, **kwargs)
+losses = criterion(outputs, targets, **kwargs)
 total = sum(losses[k] * criterion.weight_dict[k] for k in sorted(losses) if k in criterion.weight_dict)
 total.backward()
 grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -103,10 +140,11 @@ def main() -> int:
         other = Path(tmp) / "other"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(other), args.ref], cwd=ROOT, check=True)
         try:
-            for name, extra in CONFIGS.items():
+            configs = [(name, f"{TINY} {extra}") for name, extra in CONFIGS.items()]
+            configs += [(name, f"{FROZEN} {extra}") for name, extra in FROZEN_CONFIGS.items()]
+            for name, flags in configs:
                 if args.only and name not in args.only:
                     continue
-                flags = f"{TINY} {extra}"
                 theirs, ours = Path(tmp) / f"{name}.theirs", Path(tmp) / f"{name}.ours"
                 run_probe(other, flags, "save", theirs)
                 run_probe(ROOT, flags, str(theirs) + ".weights", ours)
