@@ -231,7 +231,7 @@ class AnchorDeformableTransformer(MultiScaleTransformer):
         num_queries = tgt.shape[1]
 
         enc = EncoderOutput(memory, mask_flatten, spatial_shapes, valid_ratios, num_queries, enc_logits,
-                            enc_coord_unact)
+                            enc_coord_unact, shapes)
         groups = collect_groups(providers, enc) if providers else []
         attn_mask = build_group_attn_mask(num_queries, groups, memory.device)
         for g in groups:

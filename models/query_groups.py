@@ -55,6 +55,8 @@ class EncoderOutput:
         enc_logits: [B, S, K] proposal logits (two-stage only).
         enc_coord_unact: [B, S, 4] proposal boxes before sigmoid (two-stage only).
         num_queries: number of main queries.
+        shapes: (H_l, W_l) per level as Python ints, where the host has them (``spatial_shapes`` without a
+            host-device synchronisation); None otherwise.
     """
 
     memory: Tensor
@@ -64,6 +66,7 @@ class EncoderOutput:
     num_queries: int
     enc_logits: Tensor | None = None
     enc_coord_unact: Tensor | None = None
+    shapes: Sequence[tuple[int, int]] | None = None
 
 
 # A provider returns the groups of one add-on for this step: a list, one group, or None.

@@ -29,14 +29,17 @@ class NestedTensor:
     Attributes:
         tensors: [B, C, H, W] images padded at the bottom/right to the batch maximum.
         mask: [B, H, W] bool, True on padded pixels.
+        sizes: the images' unpadded (h, w) as Python ints, when the batch was built from them (what the mask says,
+            readable without a host-device synchronisation); None otherwise.
     """
 
     tensors: Tensor
     mask: Tensor
+    sizes: tuple[tuple[int, int], ...] | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> NestedTensor:
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
-                            self.mask.to(device, non_blocking=non_blocking))
+                            self.mask.to(device, non_blocking=non_blocking), self.sizes)
 
     def decompose(self) -> tuple[Tensor, Tensor]:
         return self.tensors, self.mask
@@ -60,7 +63,7 @@ def nested_tensor_from_tensor_list(tensors: Sequence[Tensor], size_divisibility:
     for img, pad_img, m in zip(tensors, batch, mask):
         pad_img[:, : img.shape[1], : img.shape[2]].copy_(img)
         m[: img.shape[1], : img.shape[2]] = False
-    return NestedTensor(batch, mask)
+    return NestedTensor(batch, mask, tuple((int(t.shape[1]), int(t.shape[2])) for t in tensors))
 
 
 def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[NestedTensor, tuple[dict, ...]]:

@@ -9,7 +9,8 @@ the CPU nothing waits, but the calls are the same, so counting them here tells w
 
 Counted: ``.item()``, ``.tolist()``, ``.cpu()`` / ``.to("cpu")``, ``bool()`` / ``int()`` / ``float()`` of a tensor,
 ``.to()`` / ``.copy_()`` across devices, ``nonzero`` / ``argwhere`` / ``unique`` / ``masked_select`` /
-``repeat_interleave`` with tensor repeats (data-dependent shapes), and indexing or assignment with a boolean mask;
+``repeat_interleave`` with tensor repeats (data-dependent shapes), torchvision's ``nms`` (on a GPU it reads its
+overlap mask on the host), and indexing or assignment with a boolean mask;
 a host-to-device ``.to()`` / ``.copy_()`` with ``non_blocking=True`` is not a sync (it does not wait for the
 device). ``.numpy()`` is not counted: it needs a host tensor, so the copy that made one was counted already. On the
 CPU every tensor is a host tensor, so an operation on data that would already be on the host of a GPU run (say
@@ -32,7 +33,8 @@ from torch.overrides import TorchFunctionMode
 ROOT = Path(__file__).resolve().parents[1]
 
 _ALWAYS = {"item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
-           "unique", "unique_consecutive", "masked_select", "nonzero_static"}
+           "unique", "unique_consecutive", "masked_select", "nonzero_static",
+           "nms"}  # torchvision's NMS: its CUDA kernel copies the overlap mask to the host for the greedy pass
 
 
 def _name(func: Callable) -> str:
@@ -124,7 +126,7 @@ class SyncCounter(TorchFunctionMode):
     def _site() -> str:
         for frame in reversed(traceback.extract_stack()[:-2]):
             path = Path(frame.filename)
-            if ROOT in path.parents and path.name != "sync_counter.py":
+            if ROOT in path.parents and path.name not in ("sync_counter.py", "gpu_paths.py"):
                 return f"{path.relative_to(ROOT)}:{frame.lineno}"
         return "<outside the repository>"
 

@@ -253,3 +253,26 @@ def test_ddp_two_processes_with_an_image_without_gt(tmp_path, monkeypatch):
     w0, w1 = torch.load(f"{tmp_path}/w.0"), torch.load(f"{tmp_path}/w.1")
     for k in w0:  # the same update on both ranks: every gradient was all-reduced
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("flags", [TWO_STAGE, ["-m", "dino"]])
+def test_sizes_and_level_shapes_reach_the_heads_from_the_host(flags):
+    """The pyramid's level shapes and the images' sizes come from the host (the encoder's Python shapes, the
+    batch's ``sizes``): the same values as the tensors say, read without a host-device synchronisation."""
+    from models.addons.co_detr.pyramid import image_sizes
+    from util.misc import NestedTensor
+    from util.sync_counter import SyncCounter
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 48, generator=g), torch.randn(3, 40, 64, generator=g)]
+    samples = nested_tensor_from_tensor_list(images)
+    assert samples.sizes == ((64, 48), (40, 64)) and samples.to("cpu").sizes == samples.sizes
+    with SyncCounter() as syncs:
+        sizes = image_sizes(samples, None)
+    assert syncs.total == 0 and sizes == image_sizes(NestedTensor(samples.tensors, samples.mask), None)
+    model, _, _ = _build(*flags)
+    seen = []
+    model.train()
+    model(samples, providers=[lambda enc: seen.append(enc)])
+    enc = seen[0]
+    assert enc.shapes is not None and [list(s) for s in enc.shapes] == enc.spatial_shapes.tolist()

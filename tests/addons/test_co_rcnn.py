@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import roi_align
+from torchvision.ops import batched_nms, roi_align
 
 from models.addons.co_detr.rcnn import RCNNAuxHead
 from models.addons.co_detr.rcnn_ops import (
@@ -258,6 +258,30 @@ def test_forward_exports_and_every_parameter_gets_gradient():
     assert all(f.grad is not None for f in feats)
 
 
+def test_rpn_proposals_of_the_batch_equal_the_boolean_mask_reference():
+    """The forward filters every image's empty boxes from one host copy for the batch (shared with the
+    assignment's); its proposals are bitwise those of the per-image boolean-mask filter, and the one-image
+    ``proposals`` gives the same. The second image's padding makes clipped-away (empty) boxes."""
+    rpn = AuxRPN(in_channels=16, strides=STRIDES, pre_nms_top_n=300, post_nms_top_n=80)
+    feats = pyramid(2, 100, 120)
+    sizes_px = [(100, 120), (50, 40)]
+    _, proposals = rpn(feats, sizes_px, targets_two_images())
+    logits, deltas = rpn.head(list(feats))
+    level_anchors = rpn.anchors([tuple(f.shape[-2:]) for f in feats])
+    empty_seen = False
+    for b, size in enumerate(sizes_px):
+        level_logits = [x[b].permute(1, 2, 0).reshape(-1).detach() for x in logits]
+        level_deltas = [x[b].permute(1, 2, 0).reshape(-1, 4).detach() for x in deltas]
+        box, score, ids = rpn.candidates(level_logits, level_deltas, level_anchors, size)
+        keep = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+        empty_seen |= bool((~keep).any())
+        box, score, ids = box[keep], score[keep], ids[keep]
+        expected = box[batched_nms(box, score, ids, rpn.nms_iou)[:rpn.post_nms_top_n]]
+        assert torch.equal(proposals[b], expected)
+        assert torch.equal(rpn.proposals(level_logits, level_deltas, level_anchors, size), expected)
+    assert empty_seen
+
+
 def test_image_without_ground_truth():
     head = tiny_head()
     feats = pyramid(2, 64, 64)
@@ -298,7 +322,7 @@ def test_bad_level_count_is_refused():
 def test_no_proposal_and_no_ground_truth(monkeypatch):
     """Nothing to sample anywhere: zero losses that still reach every parameter, empty exports."""
     head = tiny_head()
-    monkeypatch.setattr(head.rpn, "proposals", lambda *args: torch.zeros(0, 4))
+    monkeypatch.setattr(head.rpn, "nms", lambda *args: torch.zeros(0, 4))
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     out = head(pyramid(1, 64, 64), [(64, 64)], [empty])
     assert out.losses["loss_rcnn_cls"].item() == 0 and out.losses["loss_rcnn_giou"].item() == 0

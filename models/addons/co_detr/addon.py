@@ -143,7 +143,7 @@ class CoDETR(AddOn):
         """The pyramid and every enabled head's result (in the official order)."""
         sizes = image_sizes(ctx.images, ctx.targets)
         targets = pixel_targets(ctx.targets, sizes)
-        feats = self.mod.pyramid(enc.memory, enc.spatial_shapes)
+        feats = self.mod.pyramid(enc.memory, enc.spatial_shapes, enc.shapes)
         return {h: getattr(self.mod, h)(feats, sizes, targets) for h in self.heads}, feats, sizes
 
     def query_groups(self, enc: EncoderOutput, ctx: StepContext) -> list[QueryGroup]:

@@ -46,10 +46,12 @@ class MemoryPyramid(nn.Module):
         self.downsample = nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1),
                                         nn.GroupNorm(gn_groups(channels), channels))
 
-    def forward(self, memory: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
-        """memory [B, S, C], spatial_shapes [L, 2] (H_l, W_l) -> L + 1 maps [B, C, H_l, W_l] (the last one extra)."""
+    def forward(self, memory: Tensor, spatial_shapes: Tensor,
+                shapes: Sequence[tuple[int, int]] | None = None) -> list[Tensor]:
+        """memory [B, S, C], spatial_shapes [L, 2] (H_l, W_l) -> L + 1 maps [B, C, H_l, W_l] (the last one extra).
+        ``shapes``: the same as Python ints, where the caller has them (else read from the tensor: a sync)."""
         b, _, c = memory.shape
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if shapes is None else shapes)]
         chunks = torch.split(memory, [h * w for h, w in shapes], dim=1)
         maps = [x.transpose(1, 2).reshape(b, c, h, w) for x, (h, w) in zip(chunks, shapes)]
         maps.append(self.downsample(maps[-1]))
@@ -57,11 +59,14 @@ class MemoryPyramid(nn.Module):
 
 
 def image_sizes(images: Any, targets: Sequence[dict] | None) -> list[tuple[int, int]]:
-    """Unpadded (h, w) in pixels of every image: from the batch's padding mask, else the targets' ``size``.
+    """Unpadded (h, w) in pixels of every image: the batch's host ``sizes``, else its padding mask (a sync), else
+    the targets' ``size``.
 
     Raises:
         ValueError: neither is available (a hand-made step context without images).
     """
+    if isinstance(images, NestedTensor) and images.sizes is not None:
+        return [(int(h), int(w)) for h, w in images.sizes]
     if isinstance(images, NestedTensor) and images.mask is not None:
         valid = ~images.mask
         hs = valid[:, :, 0].sum(1).tolist()

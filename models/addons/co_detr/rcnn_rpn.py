@@ -88,10 +88,15 @@ class AuxRPN(nn.Module):
         level_logits = [x.permute(0, 2, 3, 1).reshape(batch, -1).float() for x in logits]
         level_deltas = [x.permute(0, 2, 3, 1).reshape(batch, -1, 4).float() for x in deltas]
         level_anchors = self.anchors(sizes)
-        losses = self.loss(torch.cat(level_logits, 1), torch.cat(level_deltas, 1), level_anchors, sizes,
-                           image_sizes, targets)
-        proposals = [self.proposals([x[b].detach() for x in level_logits], [x[b].detach() for x in level_deltas],
-                                    level_anchors, image_sizes[b]) for b in range(batch)]
+        # the device work of every image first (its anchors' assignment, its candidate boxes), then one host copy
+        # of the assignments and of which candidates are non-empty, then the sampling, the loss and the NMS
+        valid, gts, assigned = self.assign(level_anchors, sizes, image_sizes, targets)
+        candidates = [self.candidates([x[b].detach() for x in level_logits], [x[b].detach() for x in level_deltas],
+                                      level_anchors, image_sizes[b]) for b in range(batch)]
+        host = to_host(assigned + [nonempty(box) for box, *_ in candidates])
+        losses = self.sampled_loss(torch.cat(level_logits, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors),
+                                   valid, gts, host[:batch])
+        proposals = [self.nms(*cand, np.flatnonzero(keep.numpy())) for cand, keep in zip(candidates, host[batch:])]
         return losses, proposals
 
     def loss(self, logits: Tensor, deltas: Tensor, level_anchors: Sequence[Tensor],
@@ -102,21 +107,41 @@ class AuxRPN(nn.Module):
         Args:
             logits: [B, N] objectness; deltas: [B, N, 4]; N = all anchors of all levels.
         """
+        valid, gts, assigned = self.assign(level_anchors, sizes, image_sizes, targets)
+        return self.sampled_loss(logits, deltas, torch.cat(level_anchors), valid, gts, to_host(assigned))
+
+    def assign(self, level_anchors: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+               image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict[str, Tensor]]
+               ) -> tuple[list[np.ndarray], list[Tensor], list[Tensor]]:
+        """Every image's MaxIoU assignment of its valid anchors, on the device.
+
+        Returns:
+            per image: the valid anchors (host indices into all anchors, from the sizes), the ground-truth boxes,
+            the assignment [n_valid] (0 negative, -1 ignored, k > 0 the k-th box; on the device).
+        """
         anchors = torch.cat(level_anchors)
         device = anchors.device
-        # The valid anchors from the sizes (host), every image's assignment on the device, one copy of them all,
-        # the sampling on the host (MMDetection's draws, image by image), one upload of the sampled anchors.
         valid = [valid_index(sizes, self.strides, image_sizes[b], self.num_anchors) for b in range(len(targets))]
         valid_dev = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *valid]), torch.long, device)
         valid_dev = valid_dev.split([len(v) for v in valid])
         gts = [t["boxes"].to(anchors) for t in targets]
-        assigned = to_host([max_iou_assign(box_iou(gt, anchors[idx]), self.pos_iou, self.neg_iou, self.min_pos_iou,
-                                           low_quality=True) for gt, idx in zip(gts, valid_dev)])
+        assigned = [max_iou_assign(box_iou(gt, anchors[idx]), self.pos_iou, self.neg_iou, self.min_pos_iou,
+                                   low_quality=True) for gt, idx in zip(gts, valid_dev)]
+        return valid, gts, assigned
+
+    def sampled_loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, valid: Sequence[np.ndarray],
+                     gts: Sequence[Tensor], assigned: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The loss from the host copy of the assignments: MMDetection's sampling draws on the host, image by
+        image, one upload of the sampled anchors.
+
+        Args:
+            anchors: [N, 4] all anchors; valid, gts: from ``assign``; assigned: its assignments, on the host.
+        """
         picks = []  # per image: the sampled positive and negative anchors, each positive's ground truth
         for v, gt_inds in zip(valid, assigned):
             pos, neg = random_sample_host(gt_inds.numpy(), self.num_samples, self.pos_fraction)
             picks += [v[pos], v[neg], gt_inds.numpy()[pos] - 1]
-        flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *picks]), torch.long, device)
+        flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *picks]), torch.long, anchors.device)
         parts = iter(flat.split([len(p) for p in picks]))
         cls_sum, box_sum, count = logits.new_zeros(()), logits.new_zeros(()), 0
         for b, gt in enumerate(gts):
@@ -139,6 +164,16 @@ class AuxRPN(nn.Module):
         Returns:
             [P, 4] xyxy pixels, sorted by score.
         """
+        box, score, ids = self.candidates(logits, deltas, level_anchors, image_size)
+        return self.nms(box, score, ids, np.flatnonzero(to_host([nonempty(box)])[0].numpy()))
+
+    def candidates(self, logits: Sequence[Tensor], deltas: Sequence[Tensor], level_anchors: Sequence[Tensor],
+                   image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """One image's boxes before the NMS: per level the top ``pre_nms_top_n`` scores, decoded and clipped.
+
+        Returns:
+            boxes [M, 4] xyxy pixels, their scores [M] and levels [M] (int64).
+        """
         scores, boxes, level_ids = [], [], []
         for lvl, (logit, delta, anchor) in enumerate(zip(logits, deltas, level_anchors)):
             score = logit.sigmoid()
@@ -149,9 +184,19 @@ class AuxRPN(nn.Module):
             scores.append(score)
             boxes.append(decode_deltas(self.coder, delta, anchor))
             level_ids.append(torch.full_like(score, lvl, dtype=torch.int64))
-        score, ids = torch.cat(scores), torch.cat(level_ids)
-        box = clip_boxes_to_image(torch.cat(boxes), image_size)
-        keep = ((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])).nonzero().squeeze(1)  # one sync, not three
-        box, score, ids = box[keep], score[keep], ids[keep]
-        keep = batched_nms(box, score, ids, self.nms_iou)[:self.post_nms_top_n]
-        return box[keep]
+        return clip_boxes_to_image(torch.cat(boxes), image_size), torch.cat(scores), torch.cat(level_ids)
+
+    def nms(self, box: Tensor, score: Tensor, ids: Tensor, keep: np.ndarray) -> Tensor:
+        """The candidates ``keep`` (host indices: the non-empty boxes), NMS per level, the best ``post_nms_top_n``.
+
+        Returns:
+            [P, 4] xyxy pixels, sorted by score.
+        """
+        keep_dev = host_tensor_to(keep, torch.long, box.device)
+        box, score, ids = box[keep_dev], score[keep_dev], ids[keep_dev]
+        return box[batched_nms(box, score, ids, self.nms_iou)[:self.post_nms_top_n]]
+
+
+def nonempty(boxes: Tensor) -> Tensor:
+    """[M] bool: the xyxy boxes of positive width and height."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
