@@ -79,21 +79,14 @@ def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
 def run_stages(stages: Sequence[Stages]) -> list[Indices]:
     """Run staged assigners in lock-step: per round, each generator (in order) runs to its next yield, then one
     ``to_host`` serves them all. Returns each generator's indices, in order."""
-    results: list[Indices | None] = [None] * len(stages)
-    replies: dict[int, list[Tensor] | None] = {i: None for i in range(len(stages))}
-    while replies:
-        requests: dict[int, list[Tensor]] = {}
-        for i, reply in replies.items():
-            try:
-                requests[i] = stages[i].send(reply)
-            except StopIteration as done:
-                results[i] = done.value
-        flat = to_host([t for req in requests.values() for t in req])
-        replies, start = {}, 0
-        for i, req in requests.items():
-            replies[i] = flat[start:start + len(req)]
-            start += len(req)
-    return results  # type: ignore[return-value]
+    rounds = lockstep(stages)
+    reply = None
+    while True:
+        try:
+            request = rounds.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply = to_host(request)
 
 
 def lockstep(stages: Sequence[Stages]) -> Stages:
