@@ -43,3 +43,26 @@ def test_positive_groups_are_the_official_ones(case):
         assert torch.equal(targets["boxes"], case["aux_targets"][b][:num_pos])
         weights = case["aux_bbox_weights"][b]
         assert (weights[:num_pos] == 1).all() and (weights[num_pos:] == 0).all()
+
+
+ATSS = torch.load(Path(__file__).resolve().parents[1] / "data" / "co_detr_official_atss.pt")["cases"]
+
+
+@pytest.mark.parametrize("case", ATSS, ids=[f"atss{c['seed']}" for c in ATSS])
+def test_atss_anchors_flags_and_assignment_are_the_official_ones(case):
+    """tests/data/co_detr_official_atss.pt: the official ATSS head's anchors (``AnchorGenerator``, ratios [1],
+    one scale of ``octave_base_scale``), each image's valid flags (``pad_shape`` = the image: Co-DETR pads with
+    divisor 1) and ``ATSSAssigner(topk=9)`` on the valid anchors (Sense-X/Co-DETR @2665352's vendored MMDetection
+    2.x, run on CPU outside this repository; duplicate and nested boxes compete for anchors, one image has none)."""
+    from models.addons.co_detr.atss import atss_assign, level_anchors, valid_flags, valid_index
+
+    cpu = torch.device("cpu")
+    anchors = torch.cat(level_anchors(case["shapes"], case["strides"], case["octave_base_scale"], cpu))
+    assert torch.equal(anchors, case["anchors"])
+    for im in case["images"]:
+        flags = valid_flags(case["shapes"], case["strides"], im["size"], cpu)
+        assert torch.equal(flags, im["flags"])
+        index, counts = valid_index(case["shapes"], case["strides"], im["size"])
+        assert index.tolist() == im["flags"].nonzero().squeeze(1).tolist() and counts == im["per_level"]
+        assigned = atss_assign(anchors[flags], counts, im["gt"], topk=9)
+        assert torch.equal(assigned, im["assigned_gt_inds"] - 1)  # official: 0 background, k + 1 the k-th box
