@@ -66,3 +66,52 @@ def test_atss_anchors_flags_and_assignment_are_the_official_ones(case):
         assert index.tolist() == im["flags"].nonzero().squeeze(1).tolist() and counts == im["per_level"]
         assigned = atss_assign(anchors[flags], counts, im["gt"], topk=9)
         assert torch.equal(assigned, im["assigned_gt_inds"] - 1)  # official: 0 background, k + 1 the k-th box
+
+
+RCNN = torch.load(Path(__file__).resolve().parents[1] / "data" / "co_detr_official_rcnn.pt")
+
+
+@pytest.mark.parametrize("case", RCNN["rpn"], ids=[f"rpn{c['seed']}" for c in RCNN["rpn"]])
+def test_rpn_anchors_assignment_and_draws_are_the_official_ones(case):
+    """tests/data/co_detr_official_rcnn.pt "rpn": the official RPN anchors (``AnchorGenerator``, 3 ratios x 3
+    scales of octave base 4), valid flags, ``MaxIoUAssigner`` (0.7 / 0.3, low-quality matches from 0.3) and
+    ``RandomSampler`` (256, half positive) after the case's seed (Sense-X/Co-DETR @2665352's vendored MMDetection
+    2.x, run on CPU outside this repository; one image without ground truth, one with more positives than its
+    quota). The sampled indices and the generator state after them must match."""
+    from torchvision.ops import box_iou
+
+    from models.addons.co_detr.rcnn_ops import max_iou_assign, random_sample_host, valid_index
+    from models.addons.co_detr.rcnn_rpn import AuxRPN
+
+    rpn = AuxRPN(in_channels=4, strides=(8, 16, 32, 64, 128), num_samples=case["num"])
+    anchors = torch.cat(rpn.anchors(case["shapes"]))
+    assert torch.equal(anchors, case["anchors"])
+    valid = valid_index(case["shapes"], rpn.strides, case["size"], rpn.num_anchors)
+    assert valid.tolist() == case["flags"].nonzero().squeeze(1).tolist()
+    gt_inds = max_iou_assign(box_iou(case["gt"], anchors[valid]), rpn.pos_iou, rpn.neg_iou, rpn.min_pos_iou,
+                             low_quality=True)
+    assert torch.equal(gt_inds, case["gt_inds"])
+    torch.manual_seed(case["seed"])
+    pos, neg = random_sample_host(gt_inds.numpy(), rpn.num_samples, rpn.pos_fraction)
+    assert torch.equal(torch.rand(4), case["after"])
+    assert pos.tolist() == case["pos_inds"].tolist() and neg.tolist() == case["neg_inds"].tolist()
+    assert (gt_inds.numpy()[pos] - 1).tolist() == case["pos_assigned_gt_inds"].tolist()
+
+
+@pytest.mark.parametrize("case", RCNN["roi"], ids=[f"roi{c['seed']}" for c in RCNN["roi"]])
+def test_roi_sampling_is_the_official_one(case):
+    """tests/data/co_detr_official_rcnn.pt "roi": the official RoI ``MaxIoUAssigner`` (0.5 / 0.5, no low-quality
+    matches) and ``RandomSampler`` (a quarter positive, the ground truth added as proposals) after the case's seed:
+    the sampled boxes (positives first), their ground truth and labels, and the generator state after."""
+    from models.addons.co_detr.rcnn import RCNNAuxHead
+
+    head = RCNNAuxHead(in_channels=4, num_classes=5, strides=(8, 16, 32, 64, 128), fc_channels=8,
+                       roi_num_samples=case["num"])
+    torch.manual_seed(case["seed"])
+    rois, labels, targets, num_pos = head.sample_batch([case["proposals"]],
+                                                       [{"boxes": case["gt"], "labels": case["labels"]}])[0]
+    assert torch.equal(torch.rand(4), case["after"])
+    assert num_pos == case["pos_bboxes"].shape[0]
+    assert torch.equal(rois, torch.cat([case["pos_bboxes"], case["neg_bboxes"]]))
+    assert torch.equal(labels[:num_pos], case["pos_gt_labels"]) and (labels[num_pos:] == 5).all()
+    assert torch.equal(targets[:num_pos], case["pos_gt_bboxes"]) and (targets[num_pos:] == 0).all()
