@@ -115,3 +115,30 @@ def test_roi_sampling_is_the_official_one(case):
     assert torch.equal(rois, torch.cat([case["pos_bboxes"], case["neg_bboxes"]]))
     assert torch.equal(labels[:num_pos], case["pos_gt_labels"]) and (labels[num_pos:] == 5).all()
     assert torch.equal(targets[:num_pos], case["pos_gt_bboxes"]) and (targets[num_pos:] == 0).all()
+
+
+ATSS_LOSS = torch.load(Path(__file__).resolve().parents[1] / "data" / "co_detr_official_atss_loss.pt")["cases"]
+
+
+@pytest.mark.parametrize("case", ATSS_LOSS, ids=[f"atss_loss{c['seed']}" for c in ATSS_LOSS])
+def test_atss_losses_and_gradients_are_the_official_ones(case):
+    """tests/data/co_detr_official_atss_loss.pt: the official ``CoATSSHead.loss`` (Co-DETR @2665352 with its
+    vendored MMDetection 2.x: anchors, ATSS assigner, pseudo sampler, delta coder, focal, GIoU and sigmoid
+    cross-entropy losses; unit loss weights, one process) on fixed class, box and centerness maps, run on CPU
+    outside this repository: its three losses and their gradients with respect to the maps. Ours decodes with
+    torchvision's box arithmetic and its focal loss, so the figures agree to rounding, not bitwise."""
+    from models.addons.co_detr.atss import ATSSHead
+
+    head = ATSSHead(case["num_classes"], 4, case["strides"])
+    maps = {name: [x.clone().requires_grad_() for x in case[name]] for name in ("cls", "reg", "ctr")}
+    head.predict = lambda feats: (torch.cat([x.flatten(2).transpose(1, 2) for x in maps["cls"]], 1),
+                                  torch.cat([x.flatten(2).transpose(1, 2) for x in maps["reg"]], 1),
+                                  torch.cat([x.flatten(1) for x in maps["ctr"]], 1))
+    feats = [torch.zeros(len(case["sizes"]), 4, h, w) for h, w in case["shapes"]]
+    out = head(feats, case["sizes"], [{"boxes": b, "labels": lab} for b, lab in zip(case["gts"], case["labels"])])
+    for name, value in case["losses"].items():
+        torch.testing.assert_close(out.losses[name], value, rtol=1e-6, atol=0.0)
+    sum(out.losses.values()).backward()
+    for name in ("cls", "reg", "ctr"):
+        for mine, theirs in zip(maps[name], case[f"grad_{name}"]):
+            torch.testing.assert_close(mine.grad, theirs, rtol=1e-5, atol=1e-8)
