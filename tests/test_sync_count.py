@@ -45,6 +45,8 @@ def test_syncs_per_step_do_not_grow(name):
     finally:
         logging.disable(logging.NOTSET)
     assert n <= limit, f"{name}: {n} syncs per step > {limit}; where (4 steps): {four.by_site()}"
+    # no host tensor (an index made on the host) meets a device tensor: on a GPU a blocking upload, or an error
+    assert not four.host_meets_device, f"{name}: {four.host_meets_device.most_common()}"
 
 
 def test_counter_counts_reads_and_data_dependent_shapes():
@@ -56,6 +58,34 @@ def test_counter_counts_reads_and_data_dependent_shapes():
         float(x[0])
         (x * 2).sum()  # not a sync
     assert syncs.total == 4 and syncs.counts["item"] == 1
+
+
+def test_counter_finds_host_tensors_meeting_device_tensors():
+    """Provenance: host-made indices (factories without device=, from_numpy, numpy arrays, results of host-only
+    operations) into a device tensor are listed; moved ones, explicit devices and host-only work are not."""
+    import numpy as np
+
+    weights = torch.randn(5, 3)  # made before counting: a device tensor (like parameters and the batch)
+    with SyncCounter() as syncs:
+        i = torch.as_tensor([1, 2])
+        weights[i]
+        weights[np.array([0, 1])]
+        weights.index_select(0, torch.from_numpy(np.array([1])))
+        weights[i + 1]
+        weights[torch.as_tensor([0, 1], device="cpu")]  # explicit device
+        weights[torch.arange(2).to("cpu", non_blocking=True)]  # moved
+        torch.arange(3) * 2  # host only
+        weights * torch.tensor(2.0)  # a 0-d host tensor is a scalar
+    found = syncs.host_meets_device
+    assert sum(found.values()) == 4 and found[f"tests/test_sync_count.py:{_line('weights[i]')} __getitem__"] == 1
+    assert torch.from_numpy(np.zeros(1)).dtype == torch.float64  # restored after counting
+
+
+def _line(code: str) -> int:
+    import inspect
+    lines = inspect.getsource(test_counter_finds_host_tensors_meeting_device_tensors).splitlines()
+    first = inspect.getsourcelines(test_counter_finds_host_tensors_meeting_device_tensors)[1]
+    return first + next(k for k, line in enumerate(lines) if line.strip() == code)
 
 
 def _case(seed: int = 0):

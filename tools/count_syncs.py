@@ -84,6 +84,9 @@ def main() -> None:
                 print(f"    {c:4d}  {site}")
             for site, c in four.uploads.most_common():
                 print(f"    {c:4d}  {site}  (not counted: a blocking host-to-device copy on a GPU)")
+            for site, c in four.host_meets_device.most_common():
+                print(f"    {c:4d}  {site}  (not counted: a host tensor meets a device tensor: an upload or an error "
+                      f"on a GPU)")
 
 
 if __name__ == "__main__":

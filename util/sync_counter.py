@@ -18,12 +18,20 @@ CPU every tensor is a host tensor, so an operation on data that would already be
 host-to-device copies do not exist on the CPU, so the blocking ones a GPU pays (``torch.tensor(list,
 device=cuda)``, indexing a device tensor with a host index tensor: both wait for the device) are not counted;
 tensors made from host data with an explicit ``device=`` are listed apart (``SyncCounter.uploads``) as candidates.
+
+The implicit ones are found by provenance (``SyncCounter.host_meets_device``): a tensor is a host tensor when a GPU
+run would make it on the host (a factory such as ``torch.arange`` / ``as_tensor`` / ``zeros`` without ``device=``,
+``torch.from_numpy``, ``.cpu()``, or an operation on host tensors only); every other tensor is a device tensor
+(parameters, the batch, what a factory makes with ``device=``, ``.to(device)``). An operation whose inputs mix a
+host tensor of one or more dimensions (or a numpy array / list used as an index) with a device tensor is listed: on a
+GPU an indexing operation then uploads the index with a blocking copy, and most others fail.
 """
 from __future__ import annotations
 
 import collections
 import sys
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +43,33 @@ ROOT = Path(__file__).resolve().parents[1]
 _ALWAYS = {"item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
            "unique", "unique_consecutive", "masked_select", "nonzero_static",
            "nms"}  # torchvision's NMS: its CUDA kernel copies the overlap mask to the host for the greedy pass
+
+
+# torch factories that make a host tensor when called without ``device=`` (on a GPU run too)
+_FACTORIES = {getattr(torch, n) for n in ("arange", "as_tensor", "tensor", "zeros", "ones", "full", "empty", "randperm",
+                                          "rand", "randn", "randint", "linspace", "eye", "asarray", "zeros_like")
+              if hasattr(torch, n)} - {getattr(torch, "zeros_like", None)}
+_INDEXING = {"__getitem__", "__setitem__", "index_select", "index_put", "index_put_", "gather", "scatter", "scatter_",
+             "scatter_add", "scatter_add_", "take", "take_along_dim", "index_add", "index_add_", "index_copy",
+             "index_fill", "masked_fill", "where"}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) argument."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
+def _host_index(obj: Any) -> bool:
+    """A numpy array or a list of ints used as an index (turned into a host tensor, then uploaded on a GPU)."""
+    items = obj if isinstance(obj, tuple) else (obj,)
+    return any(type(i).__module__ == "numpy" and getattr(i, "ndim", 0) > 0
+               or isinstance(i, list) and i and all(isinstance(v, int) for v in i) for i in items)
 
 
 def _name(func: Callable) -> str:
@@ -110,6 +145,60 @@ class SyncCounter(TorchFunctionMode):
         self.counts: collections.Counter[str] = collections.Counter()
         self.sites: collections.Counter[str] = collections.Counter()
         self.uploads: collections.Counter[str] = collections.Counter()  # per site: see _is_upload
+        self.host_meets_device: collections.Counter[str] = collections.Counter()  # per site and operation
+        self._host: dict[int, weakref.ref] = {}  # id -> weak reference of the host tensors (module docstring)
+        self._from_numpy: Callable | None = None
+
+    def _is_host(self, t: torch.Tensor) -> bool:
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t
+
+    def _mark(self, out: Any, host: bool) -> None:
+        for t in _tensors(out):
+            if host:
+                self._host[id(t)] = weakref.ref(t, lambda _, key=id(t): self._host.pop(key, None))
+            else:
+                self._host.pop(id(t), None)
+
+    def _provenance(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        """Mark ``out`` host or device; list an operation that mixes host and device tensors."""
+        if name in ("cpu", "pin_memory", "numpy"):
+            self._mark(out, True)
+            return
+        if name in ("to", "cuda") and (name == "cuda" or any(isinstance(a, (str, torch.device))
+                                                             for a in (*args[1:], kwargs.get("device")))):
+            self._mark(out, False)
+            return
+        inputs = _tensors(args) + _tensors(kwargs)
+        if not inputs:
+            self._mark(out, func in _FACTORIES and kwargs.get("device") is None)
+            return
+        host = [self._is_host(t) for t in inputs]
+        mixed_index = name in _INDEXING and len(args) > 1 and _host_index(args[1])
+        if all(host):
+            self._mark(out, True)
+        elif mixed_index or any(h and t.dim() > 0 for h, t in zip(host, inputs)):
+            if not _called_by_torch():
+                self.host_meets_device[f"{self._site()} {name}"] += 1
+            self._mark(out, False)
+
+    def __enter__(self) -> SyncCounter:
+        counter = super().__enter__()
+        self._from_numpy = torch.from_numpy  # not dispatched to torch-function modes: wrapped while counting
+        original = self._from_numpy
+
+        def from_numpy(array):
+            t = original(array)
+            self._mark(t, True)
+            return t
+
+        torch.from_numpy = from_numpy
+        return counter
+
+    def __exit__(self, *exc) -> None:
+        torch.from_numpy = self._from_numpy
+        self._host.clear()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,7 +209,9 @@ class SyncCounter(TorchFunctionMode):
             self.sites[f"{self._site()} {name}"] += 1
         elif _is_upload(name, args, kwargs) and not _called_by_torch():
             self.uploads[f"{self._site()} {name}"] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self._provenance(func, name, args, kwargs, out)
+        return out
 
     @staticmethod
     def _site() -> str:
