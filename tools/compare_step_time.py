@@ -13,6 +13,7 @@ Prints each side's median seconds per step and the ratio other / this (> 1: this
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,9 +31,13 @@ CONFIGS = {
     "r50_320x512": ("--backbone resnet50 --enc_layers 2 --dec_layers 2 --num_classes 91 --device cpu", 1, (320, 512)),
 }
 
+# Environment of a worker (tools/compare_official_step.py): STEP_WORKER_PRELUDE, code run first in the tree (patches
+# an official tree needs on a CPU); STEP_WORKER_SAVE / STEP_WORKER_LOAD, a file to save the built model's state
+# dict to / to load it from (strictly), so that both sides step the same weights.
 WORKER = r'''
-import sys, time, torch
+import inspect, os, sys, time, torch
 sys.path.insert(0, ".")
+exec(os.environ.get("STEP_WORKER_PRELUDE", ""))
 import main
 from models import build_model
 from util.misc import nested_tensor_from_tensor_list
@@ -43,7 +48,12 @@ if threads:
 torch.manual_seed(0)
 args = main.get_args_parser().parse_args(flags + ["--lr", "1e-4", "--weight_decay", "1e-4"])
 model, criterion, _ = build_model(args)
+if os.environ.get("STEP_WORKER_SAVE"):
+    torch.save(model.state_dict(), os.environ["STEP_WORKER_SAVE"])
+if os.environ.get("STEP_WORKER_LOAD"):
+    model.load_state_dict(torch.load(os.environ["STEP_WORKER_LOAD"], weights_only=True))
 model.train()
+takes_targets = len(inspect.signature(model.forward).parameters) > 1  # ours (add-ons); the seeds' take the images
 try:  # each tree's own optimizer, as its main.py builds it
     from util.optim import build_optimizer
     optimizer = build_optimizer(model.parameters(), args)
@@ -59,7 +69,7 @@ for _ in range(batch):
 samples = nested_tensor_from_tensor_list(images)
 
 def step():
-    outputs = model(samples, targets)
+    outputs = model(samples, targets) if takes_targets else model(samples)
     losses = criterion(outputs, targets)
     total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
     optimizer.zero_grad(set_to_none=True)
@@ -79,10 +89,12 @@ for line in sys.stdin:
 '''
 
 
-def start_worker(tree: Path, flags: str, batch: int, size: tuple[int, int], threads: int) -> subprocess.Popen:
+def start_worker(tree: Path, flags: str, batch: int, size: tuple[int, int], threads: int,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A worker building the model of ``flags`` in ``tree`` (``env``: the STEP_WORKER_* variables above)."""
     proc = subprocess.Popen([sys.executable, "-c", WORKER, flags, str(batch), str(size[0]), str(size[1]), str(threads)],
                             cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError(f"the worker in {tree} failed to build the model (flags: {flags})")
     return proc
