@@ -7,7 +7,8 @@
 worker process, from its own directory). On a CPU its compiled CUDA op is replaced by the grid_sample core its
 repository ships (``ms_deform_attn_core_pytorch``), its backbone is built without the ImageNet download its
 ``pretrained=True`` asks for, and its ``util/misc.py`` is shown a torchvision version it can parse; nothing else
-of it is touched. On a GPU (``--device cuda``) its op must be built (``models/ops/make.sh``) and is used as is.
+of it is touched. On a GPU (``--device cuda``) its op must be built (its ``models/ops/make.sh``) and is used as is;
+each step ends with a read of the loss, so the time is the device's.
 
 Three workers per configuration (specs/performance.md §5.1 "model-step-tiny"): the official code, ours with the
 pure-PyTorch op (the same grid_sample core: the rest of the step compared), ours with the default op (our C++ or

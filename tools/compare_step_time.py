@@ -52,6 +52,9 @@ if os.environ.get("STEP_WORKER_SAVE"):
     torch.save(model.state_dict(), os.environ["STEP_WORKER_SAVE"])
 if os.environ.get("STEP_WORKER_LOAD"):
     model.load_state_dict(torch.load(os.environ["STEP_WORKER_LOAD"], weights_only=True))
+device = torch.device(args.device)
+model.to(device)
+criterion.to(device)
 model.train()
 takes_targets = len(inspect.signature(model.forward).parameters) > 1  # ours (add-ons); the seeds' take the images
 try:  # each tree's own optimizer, as its main.py builds it
@@ -66,7 +69,8 @@ for _ in range(batch):
     n = int(torch.randint(1, 7, (1,), generator=g))
     boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1)
     targets.append({"labels": torch.randint(1, 6, (n,), generator=g), "boxes": boxes})
-samples = nested_tensor_from_tensor_list(images)
+samples = nested_tensor_from_tensor_list(images).to(device)
+targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 def step():
     outputs = model(samples, targets) if takes_targets else model(samples)
