@@ -5,8 +5,9 @@ The file was made here (2026-12-05) like the other reference files: IDEA-Researc
 config/DINO/DINO_4scale.py on CPU (its CUDA op replaced by the grid_sample core it ships, its denoising's
 ``.cuda()`` a no-op), the deterministic weights, dino_4scale.pt's images and targets, ``torch.manual_seed(seed)``
 before the forward (the denoising noise follows it). Checked: the total (1e-4), every weighted term, denoising's
-included (1e-3 relative; ours names the aux layers' denoising terms ``loss_ce_0_dn`` where DINO says
-``loss_ce_dn_0``), and every parameter's gradient norm (1e-3 relative). As for dino_4scale.pt, the encoder's top-k
+included (2e-5 relative: they agree to 4e-7 here, and a box noise 1 % off moves them by more; ours names the aux
+layers' denoising terms ``loss_ce_0_dn`` where DINO says ``loss_ce_dn_0``), and every parameter's gradient norm
+(1e-3 relative). As for dino_4scale.pt, the encoder's top-k
 follows the official ranking where two tokens differ by float noise only.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def test_training_step_with_denoising_matches():
     for key, w in weighted.items():
         ours = _ours(key)
         assert criterion.weight_dict[ours] == w, key
-        assert losses[ours].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=1e-3, abs=1e-6), key
+        assert losses[ours].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=2e-5, abs=1e-6), key
     params = dict(model.named_parameters())
     assert set(ref["grad_norms"]) == {n for n, p in params.items() if p.requires_grad}
     for name, norm in ref["grad_norms"].items():
