@@ -63,6 +63,8 @@ def check_train_reference(name: str, exact_noise: bool = True) -> None:
     total.backward()
     assert total.item() == pytest.approx(float(ref["total"]), rel=1e-6)
     for key, w in ref["weight_dict"].items():
+        if key not in ref["losses"] and official_key(key) not in criterion.weight_dict:
+            continue  # a weight of a term neither code computes (DN-DETR's one-stage models list tgt_*_enc)
         assert criterion.weight_dict[official_key(key)] == w, key
         if w and key in ref["losses"]:
             assert losses[official_key(key)].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=1e-6,

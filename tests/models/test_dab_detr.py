@@ -171,3 +171,18 @@ def train_then_eval_resume(tmp_path, *model_flags: str) -> None:
                                    ["-m", "dn_dab_detr", "--use_dn"]], ids=["dab_hybrid", "dn"])
 def test_two_iterations_then_eval_resume(tmp_path, flags):
     train_then_eval_resume(tmp_path, *flags)
+
+
+@pytest.mark.slow
+def test_dab_deformable_detr_reproduces_the_official_evaluation():
+    """IDEA-Research/DAB-DETR @723ddb8 ``-m dab_deformable_detr --transformer_activation relu`` (its README's
+    command), the reference made here on 2026-12-05 (tests/data/reference/README.md)."""
+    check_eval_reference("dab_deformable_detr")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dab_deformable_detr_train", "dn_dab_deformable_detr_train"])
+def test_deformable_variants_reproduce_the_official_training_step(name):
+    """DAB-Deformable-DETR, and DN-DETR's DN-DAB-Deformable-DETR (``--use_dn``, IDEA-Research/DN-DETR @ff3902a) with
+    its denoising draws."""
+    check_train_reference(name, exact_noise=name == "dab_deformable_detr_train")
