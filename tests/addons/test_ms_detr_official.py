@@ -223,3 +223,36 @@ def test_evaluation_has_no_o2m_outputs_and_the_same_predictions(batch):
     assert MixedSupervision.loss_groups(criterion.addons[0], eval_out, StepContext(targets=targets)) == []
     losses = criterion(eval_out, targets)  # evaluation computes the criterion too
     assert "loss_ce" in losses and not any(k.endswith("_o2m") for k in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ms_detr_train", "ms_detr_dropout0_train"])
+def test_training_step_reproduces_the_official_one(name):
+    """tests/data/reference/ms_detr*_train.pt: one training step of Atten4Vis/MS-DETR @c015d65 with
+    scripts/train_ms_detr_300.sh's flags (its dropout 0.1, and 0), made like the other reference files
+    (tests/data/reference/README.md), ``torch.manual_seed(seed)`` before the forward. With dropout the masks are
+    draws on the global generator too, between the one-to-many sampling's: both match, so every term (one-to-many
+    and encoder included, 1e-5 relative: they agree to 7e-7) and every parameter's gradient norm (1e-3) do."""
+    from tests.test_reference import load_reference
+
+    ref, model, criterion, _ = load_reference(name)
+    model.train()
+    samples = nested_tensor_from_tensor_list(ref["images"])
+    ctx = StepContext(images=samples, targets=ref["targets"])
+    torch.manual_seed(int(ref["seed"]))
+    outputs = model(samples, ref["targets"], ctx=ctx)
+    losses = criterion(outputs, ref["targets"], ctx=ctx)
+    total = criterion.total_loss(losses)
+    total.backward()
+    assert total.item() == pytest.approx(float(ref["total"]), rel=1e-5)
+    weighted = {k: w for k, w in ref["weight_dict"].items() if w and k in ref["losses"]}
+    assert sum(k.endswith("_o2m") for k in weighted) == 18
+    for key, w in weighted.items():
+        assert criterion.weight_dict[key] == w, key
+        assert losses[key].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=1e-5, abs=1e-6), key
+    params = dict(model.named_parameters())
+    assert set(ref["grad_norms"]) == {n for n, p in params.items() if p.requires_grad}
+    for pname, norm in ref["grad_norms"].items():
+        grad = params[pname].grad
+        ours = 0.0 if grad is None else grad.norm().item()
+        assert ours == pytest.approx(float(norm), rel=1e-3, abs=1e-7), pname
