@@ -153,3 +153,12 @@ def test_inapplicable_options_are_refused_with_the_reason(flags, match):
 def test_two_iterations_then_eval_resume(tmp_path):
     from tests.models.test_dab_detr import train_then_eval_resume
     train_then_eval_resume(tmp_path, "-m", "conditional_detr", "--num_queries_one2many", "4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["conditional_detr_dropout_train", "detr_dropout_train"])
+def test_dropout_masks_are_the_official_draws(name):
+    """A training step with the seeds' own dropout 0.1 (Atten4Vis/ConditionalDETR @8ea7c3f, facebookresearch/detr
+    @29901c5; made here on 2026-12-05): the masks are draws on torch's global generator, taken in the same order,
+    so the step is the official one (the references without dropout check the rest)."""
+    check_train_reference(name)
