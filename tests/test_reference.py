@@ -35,6 +35,9 @@ def _ours(key: str) -> str:
 
 def load_reference(name: str) -> tuple[dict, torch.nn.Module, torch.nn.Module, dict]:
     ref = torch.load(REF_DIR / f"{name}.pt", weights_only=True)
+    if "inputs_from" in ref:  # made on another file's images and targets (stored once)
+        inputs = torch.load(REF_DIR / f"{ref['inputs_from']}.pt", weights_only=True)
+        ref["images"], ref["targets"] = inputs["images"], inputs["targets"]
     args = main.get_args_parser().parse_args(list(ref["flags"]) + ["--device", "cpu"])
     assert args.num_classes is None  # the model needs no data to know its 91 COCO logits
     model, criterion, post = build_model(args)
