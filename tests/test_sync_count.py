@@ -28,9 +28,9 @@ LIMITS = {
     "two_stage_refine_od": ("--with_box_refine --two_stage --use_ema --addons od", 3),
     # Teach-DETR: its teacher-box matching of every layer, set and the encoder in one more copy
     "two_stage_refine_teach": ("--with_box_refine --two_stage --ensemble --ext_ann_files t=unused.json", 3),
-    # Co-DETR: not at the goal (README "Benchmarks"): one NMS per image in the RPN (2 here), four more copies
-    # (the RPN's assignment with its empty-box filter, the RoI head's assignment and levels, ATSS's); must not grow
-    "two_stage_refine_co_detr": ("--with_box_refine --two_stage --addons co_detr", 8),
+    # Co-DETR: its heads in one more copy (the RPN's and the RoI head's assignments, the RoIs' levels, ATSS's
+    # positives; the proposals' NMS on the device, util/nms.py)
+    "two_stage_refine_co_detr": ("--with_box_refine --two_stage --addons co_detr", 3),
 }
 SLOW = {"two_stage_refine_dn", "two_stage_refine_hybrid", "two_stage_refine_ms_detr", "dab_deformable_detr",
         "dino_cdn", "two_stage_refine_od", "two_stage_refine_teach", "two_stage_refine_co_detr"}

@@ -276,3 +276,24 @@ def test_sizes_and_level_shapes_reach_the_heads_from_the_host(flags):
     model(samples, providers=[lambda enc: seen.append(enc)])
     enc = seen[0]
     assert enc.shapes is not None and [list(s) for s in enc.shapes] == enc.spatial_shapes.tolist()
+
+
+def test_device_nms_path_trains_bitwise_as_the_host_path(batch, monkeypatch):
+    """A whole Co-DETR step on the GPU's code path (the device NMS, the heads' one shared host copy) against the
+    CPU's (torchvision's NMS per image): the same losses, gradients and generator state, bitwise."""
+    from models.addons.co_detr import rcnn_rpn
+
+    images, targets = batch
+
+    def step(device_nms):
+        monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", device_nms)
+        model, criterion, _ = _build(*TWO_STAGE, *CO)
+        torch.manual_seed(1)
+        _, losses = _step(model, criterion, images, targets)
+        criterion.total_loss(losses).backward()
+        return losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, torch.get_rng_state()
+
+    ref, device = step(False), step(True)
+    assert set(ref[0]) == set(device[0]) and all(torch.equal(ref[0][k], device[0][k]) for k in ref[0])
+    assert set(ref[1]) == set(device[1]) and all(torch.equal(ref[1][k], device[1][k]) for k in ref[1])
+    assert torch.equal(ref[2], device[2])

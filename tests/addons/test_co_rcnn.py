@@ -329,3 +329,49 @@ def test_no_proposal_and_no_ground_truth(monkeypatch):
     assert out.coords[0].shape == (0, 4) and out.feats[0].shape == (0, 16)
     sum(out.losses.values()).backward()
     assert [name for name, p in head.named_parameters() if p.grad is None] == []
+
+
+def _head_step(head, feats, sizes, targets, seed=0):
+    """One head forward + backward from a seed: the exports, the losses, every gradient, the generator state."""
+    for f in feats:
+        f.grad = None
+    head.zero_grad()
+    torch.manual_seed(seed)
+    out = head(feats, sizes, targets)
+    sum(out.losses.values()).backward()
+    grads = [f.grad.clone() for f in feats] + [p.grad.clone() for p in head.parameters()]
+    return out, grads, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("rounds", [10, 1])
+def test_device_nms_gives_the_host_paths_results(monkeypatch, rounds):
+    """The GPU's path (``DEVICE_NMS``: the batch's NMS on the device, padded proposals, one host copy for the
+    anchors' and the RoIs' assignments) computes bitwise what the CPU's does (torchvision's NMS per image):
+    exports, losses, gradients, draws. With one round the device NMS does not converge here: the head falls
+    back to the exact proposals and doubles its rounds."""
+    from models.addons.co_detr import rcnn_rpn
+
+    head = tiny_head(rpn_pre_nms_top_n=300, rpn_post_nms_top_n=80, roi_num_samples=64)
+    feats = pyramid(2, 100, 120)
+    sizes, targets = [(100, 120), (50, 40)], targets_two_images()
+    monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", False)
+    ref_out, ref_grads, ref_rng = _head_step(head, feats, sizes, targets)
+    monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", True)
+    head.rpn.nms_rounds = rounds
+    out, grads, rng = _head_step(head, feats, sizes, targets)
+    assert head.rpn.nms_rounds == (10 if rounds == 10 else 2)
+    for k in ref_out.losses:
+        assert torch.equal(out.losses[k], ref_out.losses[k]), k
+    for field in ("coords", "labels", "box_targets", "feats"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(out, field), getattr(ref_out, field))), field
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads)) and torch.equal(rng, ref_rng)
+    # the proposals themselves: padded to one size, zeros after each image's count
+    head.rpn.nms_rounds = 64
+    rp = head.rpn.prepare(feats, sizes, targets)
+    monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", False)
+    exact = head.rpn.prepare(feats, sizes, targets)
+    assert bool(rp.converged) and torch.equal(rp.counts, exact.counts)
+    assert torch.equal(rp.proposals, exact.proposals) and exact.proposals.shape == (2, 80, 4)
+    _, listed = head.rpn(feats, sizes, targets)
+    assert [p.shape[0] for p in listed] == exact.counts.tolist()
+    assert all(torch.equal(p, exact.proposals[b, :len(p)]) for b, p in enumerate(listed))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from util.errors import FlagError
 
-from ...matcher import to_host
+from ...matcher import run_stages, to_host
 from ...query_groups import EncoderOutput, QueryGroup
 from ...registry import register_addon
 from ..base import AddOn, LossGroup, LossSpec, StepContext
@@ -140,11 +140,13 @@ class CoDETR(AddOn):
 
     def run_heads(self, enc: EncoderOutput, ctx: StepContext) -> tuple[dict[str, AuxHeadOutput], list[Tensor],
                                                                        list[tuple[int, int]]]:
-        """The pyramid and every enabled head's result (in the official order)."""
+        """The pyramid and every enabled head's result (in the official order). The heads are staged and run in
+        lock-step: one host copy serves both (the R-CNN head's anchor and RoI assignments, ATSS's positives)."""
         sizes = image_sizes(ctx.images, ctx.targets)
         targets = pixel_targets(ctx.targets, sizes)
         feats = self.mod.pyramid(enc.memory, enc.spatial_shapes, enc.shapes)
-        return {h: getattr(self.mod, h)(feats, sizes, targets) for h in self.heads}, feats, sizes
+        outs = run_stages([getattr(self.mod, h).stages(feats, sizes, targets) for h in self.heads])
+        return dict(zip(self.heads, outs)), feats, sizes
 
     def query_groups(self, enc: EncoderOutput, ctx: StepContext) -> list[QueryGroup]:
         """One group per head (``co_rcnn``, ``co_atss``) carrying the heads' losses in its meta; none without

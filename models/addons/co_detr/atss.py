@@ -16,7 +16,7 @@ Sense-X/Co-DETR or MMDetection is reproduced.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from util.misc import all_reduce_mean, host_tensor_to
 
-from ...matcher import to_host
+from ...matcher import run_stages
 from .common import AuxHeadOutput
 from .pyramid import gn_groups
 from .rcnn_ops import DeltaCoder, giou_loss
@@ -219,8 +219,14 @@ class ATSSHead(nn.Module):
             image_sizes: unpadded (h, w) pixels per image.
             targets: per image ``boxes`` [G, 4] xyxy pixels and ``labels`` [G] int64.
         """
-        cls, reg, ctr = self.predict(feats)
-        device = cls.device
+        return run_stages([self.stages(feats, image_sizes, targets)])[0]
+
+    def stages(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+               targets: Sequence[dict[str, Tensor]]) -> Generator[list[Tensor], list[Tensor], AuxHeadOutput]:
+        """``forward`` as a staged computation (models/matcher.py ``run_stages``): the assignment (it needs only
+        the anchors and the ground truth), one host copy of the positives, then the head and its losses (created
+        after the copy, so that a staged R-CNN head's RoI pooling still precedes them in the graph)."""
+        device = feats[0].device
         shapes = [tuple(f.shape[-2:]) for f in feats]
         per_level = level_anchors(shapes, self.strides, self.octave_base_scale, device)
         anchors = torch.cat(per_level)
@@ -234,7 +240,8 @@ class ATSSHead(nn.Module):
         pos = labels < self.num_classes
         # the positives on the host (one copy; also what the positive queries draw from): indexing with them in
         # the boolean mask's (row-major) order needs no data-dependent shape on the device
-        host_pos = to_host([pos])[0].numpy()
+        host_pos = (yield [pos])[0].numpy()
+        cls, reg, ctr = self.predict(feats)
         pos_b, pos_s = host_tensor_to(np.stack(np.nonzero(host_pos)), torch.long, device).unbind(0)
         pos_anchors = anchors[pos_s]
         ctr_target = centerness_target(pos_anchors, boxes[pos_b, pos_s])

@@ -10,6 +10,9 @@ Per batch:
 2. Per image: MaxIoU assignment of the proposals (0.5 / 0.5, no low-quality match), then the ground-truth boxes
    are put in front of the proposals (each assigned to itself) and 512 RoIs are sampled, at most 25 %
    positive; sampled RoIs are ordered positives first, each part by index.
+   The device work of 1 and 2 comes first (on a GPU the proposals' NMS too, util/nms.py), then ONE host copy of
+   the anchors' and the RoIs' assignments and the RoIs' pooling levels (``stages``; Co-DETR runs it in
+   lock-step with ATSS's, so both heads share it), then the draws and everything else.
 3. RoIAlign 7x7 (aligned, adaptive sampling) on the first ``num_roi_levels`` levels, the level picked by
    ``finest_scale``; box head flatten -> FC -> ReLU -> FC -> ReLU -> class scores [num_classes + 1] (softmax,
    background last) and class-specific deltas [num_classes * 4] (stds 0.1, 0.1, 0.2, 0.2).
@@ -29,7 +32,7 @@ set gives a zero-valued sum that stays in the graph).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 import torch
@@ -40,13 +43,14 @@ from torchvision.ops import box_iou
 
 from util.misc import host_tensor_to
 
-from ...matcher import to_host
+from ...matcher import run_stages, to_host
 from .common import AuxHeadOutput
 from .rcnn_ops import (
     DELTA_CLIP,
     DeltaCoder,
     decode_deltas,
     giou_loss,
+    map_roi_levels,
     max_iou_assign,
     multilevel_roi_align,
     random_sample_host,
@@ -129,30 +133,53 @@ class RCNNAuxHead(nn.Module):
         """``sample_rois`` of every image with one host copy: each image's assignment on the device, one copy of
         them all, MMDetection's sampling on the host (its draws, image by image, in the same order), one upload.
         Also returns each image's number of positives (its first rows)."""
+        images = self.assign_rois(proposals, None, targets)
+        return [s[:4] for s in self.sample_assigned(images, to_host([im[3] for im in images]))]
+
+    def assign_rois(self, proposals: Sequence[Tensor], counts: Tensor | None, targets: Sequence[dict[str, Tensor]]
+                    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """Every image's RoI assignment on the device: (boxes: the ground truth then the proposals, gt_boxes,
+        gt_labels, assignment [G + P], pooling level of every box [G + P]: ``map_roi_levels`` before the
+        sampling, so that the host reads the sampled RoIs' levels from the assignment's copy).
+
+        Args:
+            proposals: per image [P, 4]; counts: [B] (device) when only each image's first ``counts[b]`` are
+                proposals (the RPN's padded batch): the rest are ignored (-1), so that no draw sees them.
+        """
         images = []
-        for props, t in zip(proposals, targets):
+        for b, (props, t) in enumerate(zip(proposals, targets)):
             gt_boxes, gt_labels = t["boxes"].to(props), t["labels"].to(props.device)
             gt_inds = max_iou_assign(box_iou(gt_boxes, props), self.roi_pos_iou, self.roi_neg_iou,
                                      self.roi_pos_iou, low_quality=False)
+            if counts is not None:
+                gt_inds = torch.where(torch.arange(props.shape[0], device=props.device) < counts[b], gt_inds, -1)
             boxes = props
             if self.roi_add_gt and gt_boxes.shape[0] > 0:
                 boxes = torch.cat([gt_boxes, props])
                 gt_inds = torch.cat([torch.arange(1, gt_boxes.shape[0] + 1, device=gt_inds.device), gt_inds])
-            images.append((boxes, gt_boxes, gt_labels, gt_inds))
-        host = to_host([gt_inds for *_, gt_inds in images])
+            levels = map_roi_levels(boxes, self.num_roi_levels, self.finest_scale)
+            images.append((boxes, gt_boxes, gt_labels, gt_inds, levels))
+        return images
+
+    def sample_assigned(self, images: Sequence[tuple[Tensor, ...]], host: Sequence[Tensor]
+                        ) -> list[tuple[Tensor, Tensor, Tensor, int, np.ndarray]]:
+        """MMDetection's sampling of ``assign_rois``' images from the host copies of their assignments (the draws,
+        image by image), one upload; per image (rois, labels, box targets, number of positives, the sampled
+        rows of its boxes on the host)."""
         picks = []
         for gt_inds in host:
             pos, neg = random_sample_host(gt_inds.numpy(), self.roi_num_samples, self.roi_pos_fraction)
             picks += [pos, neg, gt_inds.numpy()[pos] - 1]
-        device = proposals[0].device if len(proposals) else torch.device("cpu")
+        device = images[0][0].device if len(images) else torch.device("cpu")
         flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *picks]), torch.long, device)
         parts = iter(flat.split([len(p) for p in picks]))
         out = []
-        for boxes, gt_boxes, gt_labels, _ in images:
+        for k, (boxes, gt_boxes, gt_labels, *_) in enumerate(images):
             pos, neg, matched = next(parts), next(parts), next(parts)
             labels = torch.cat([gt_labels[matched], gt_labels.new_full((neg.numel(),), self.num_classes)])
             box_targets = torch.cat([gt_boxes[matched], boxes.new_zeros(neg.numel(), 4)])
-            out.append((torch.cat([boxes[pos], boxes[neg]]), labels, box_targets, pos.numel()))
+            rows = np.concatenate([picks[3 * k], picks[3 * k + 1]])
+            out.append((torch.cat([boxes[pos], boxes[neg]]), labels, box_targets, pos.numel(), rows))
         return out
 
     def roi_loss(self, class_logits: Tensor, box_deltas: Tensor, rois: Tensor, labels: Tensor,
@@ -177,7 +204,7 @@ class RCNNAuxHead(nn.Module):
 
     def forward(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
                 targets: Sequence[dict[str, Tensor]]) -> AuxHeadOutput:
-        """RPN and RoI losses plus the sampled RoIs per image.
+        """RPN and RoI losses plus the sampled RoIs per image (``stages`` run alone).
 
         Args:
             feats: all pyramid levels [B, C, H_l, W_l], one per stride.
@@ -189,11 +216,29 @@ class RCNNAuxHead(nn.Module):
             (unweighted); per image coords [n, 4], labels [n], box_targets [n, 4], feats [n, C] with
             n = min(max_exported, min over the batch of the sampled RoI count).
         """
+        return run_stages([self.stages(feats, image_sizes, targets)])[0]
+
+    def stages(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+               targets: Sequence[dict[str, Tensor]]) -> Generator[list[Tensor], list[Tensor], AuxHeadOutput]:
+        """``forward`` as a staged computation (models/matcher.py ``run_stages``): the RPN, its proposals and both
+        assignments on the device, ONE host copy of the anchors' and the RoIs' assignments (with the device NMS's
+        convergence flag), then the draws (RPN's, then the RoIs', image by image), the losses and the export."""
         if len(image_sizes) != feats[0].shape[0] or len(targets) != feats[0].shape[0]:
             raise ValueError(f"RCNN head: batch of {feats[0].shape[0]} maps, {len(image_sizes)} image sizes, "
                              f"{len(targets)} targets")
-        losses, proposals = self.rpn(feats, image_sizes, targets)
-        samples = self.sample_batch(proposals, targets)
+        batch = len(targets)
+        rp = self.rpn.prepare(feats, image_sizes, targets)
+        images = self.assign_rois(list(rp.proposals.unbind(0)), rp.counts, targets)
+        host = yield rp.assigned + [im[3] for im in images] + [im[4] for im in images] + [rp.converged]
+        rpn_host, roi_host, level_host = host[:batch], host[batch:2 * batch], host[2 * batch:3 * batch]
+        if not host[-1].numpy():  # the device NMS needed more rounds: the exact proposals, their own copy
+            rp = self.rpn.settle(rp, False)
+            images = self.assign_rois(list(rp.proposals.unbind(0)), rp.counts, targets)
+            again = to_host([im[3] for im in images] + [im[4] for im in images])
+            roi_host, level_host = again[:batch], again[batch:]
+        losses = self.rpn.sampled_loss(rp.logits, rp.deltas, rp.anchors, rp.valid, rp.gts, rpn_host)
+        samples = self.sample_assigned(images, roi_host)
+        roi_levels = np.concatenate([np.zeros(0, np.int64)] + [h.numpy()[s[4]] for h, s in zip(level_host, samples)])
         counts = [s[0].shape[0] for s in samples]
         rois = torch.cat([s[0] for s in samples])
         labels, box_targets = torch.cat([s[1] for s in samples]), torch.cat([s[2] for s in samples])
@@ -204,7 +249,7 @@ class RCNNAuxHead(nn.Module):
         levels = self.num_roi_levels
         pooled = multilevel_roi_align(list(feats[:levels]), torch.cat([batch_idx[:, None].to(rois), rois], 1),
                                       self.strides[:levels], self.finest_scale, self.roi_output_size,
-                                      self.roi_sampling_ratio)
+                                      self.roi_sampling_ratio, roi_levels)
         hidden = self.box_head(pooled)
         class_logits, box_deltas = self.cls_score(hidden).float(), self.bbox_pred(hidden).float()
         losses.update(self.roi_loss(class_logits, box_deltas, rois, labels, box_targets, pos))

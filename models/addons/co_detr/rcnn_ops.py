@@ -255,7 +255,7 @@ def map_roi_levels(boxes: Tensor, num_levels: int, finest_scale: float) -> Tenso
 
 
 def multilevel_roi_align(feats: Sequence[Tensor], rois: Tensor, strides: Sequence[int], finest_scale: float,
-                         output_size: int, sampling_ratio: int) -> Tensor:
+                         output_size: int, sampling_ratio: int, levels: np.ndarray | None = None) -> Tensor:
     """RoIAlign (aligned=True, MMCV's default) of each RoI on the level ``map_roi_levels`` picks.
 
     A level that gets no RoI still joins the graph with a zero term (MMDetection does the same), so every
@@ -264,13 +264,14 @@ def multilevel_roi_align(feats: Sequence[Tensor], rois: Tensor, strides: Sequenc
     Args:
         feats: L maps [B, C, H_l, W_l] at ``strides``.
         rois: [N, 5] (batch index, x1, y1, x2, y2) pixels.
+        levels: the RoIs' ``map_roi_levels`` on the host when the caller has them (None: computed here, one
+            host copy).
 
     Returns:
         [N, C, output_size, output_size].
     """
-    levels = map_roi_levels(rois[:, 1:], len(feats), finest_scale)
     # every level's RoIs from one host copy of the levels and one upload (not a nonzero per level: each a sync)
-    host = to_host([levels])[0].numpy()
+    host = to_host([map_roi_levels(rois[:, 1:], len(feats), finest_scale)])[0].numpy() if levels is None else levels
     per_level = [np.flatnonzero(host == lvl) for lvl in range(len(feats))]
     flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *per_level]), torch.long, rois.device)
     out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)

@@ -4,11 +4,14 @@ Head: torchvision's ``RPNHead`` (3x3 conv + ReLU, 1x1 objectness, 1x1 deltas, N(
 Loss: sigmoid BCE on the sampled anchors and plain L1 on the positives' deltas (stds 1), both summed and divided
 by the batch's sampled count (MMDetection counts max(#pos, 1) + max(#neg, 1) per image).
 Proposals: per level the top ``pre_nms_top_n`` scores, decoded from detached deltas and clipped to the image,
-boxes of zero width or height dropped, NMS per level, the best ``post_nms_top_n`` kept.
+boxes of zero width or height dropped, NMS per level, the best ``post_nms_top_n`` kept. On a GPU the NMS of
+every image and level runs at once without reading anything on the host (util/nms.py, torchvision's arithmetic);
+the proposals are padded to one size for the batch, with their counts on the device, so that the RoI head's
+assignment needs no host read either.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +21,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from util.misc import host_tensor_to
+from util.nms import segmented_nms
 
 from ...matcher import to_host
 from .rcnn_ops import (
@@ -30,6 +34,28 @@ from .rcnn_ops import (
     random_sample_host,
     valid_index,
 )
+
+# The proposals' NMS: True = util.nms.segmented_nms (no host read), False = torchvision's, image by image (its
+# CUDA kernel reads each image's overlap mask on the host); None = the device NMS on a GPU only.
+# tools/gpu_paths.py sets True so that the CPU counts what a GPU runs.
+DEVICE_NMS: bool | None = None
+
+
+class RPNPass(NamedTuple):
+    """A batch's RPN work before the host copy (``AuxRPN.prepare``)."""
+
+    logits: Tensor  # [B, N] objectness of all anchors (in the graph)
+    deltas: Tensor  # [B, N, 4]
+    anchors: Tensor  # [N, 4]
+    valid: list[np.ndarray]  # per image its valid anchors (host indices)
+    gts: list[Tensor]  # per image its ground-truth boxes [G, 4]
+    assigned: list[Tensor]  # per image its valid anchors' MaxIoU assignment (device)
+    boxes: Tensor  # [B, M, 4] the NMS candidates, level by level (detached)
+    scores: Tensor  # [B, M]
+    level_sizes: list[int]  # the candidates per level
+    proposals: Tensor  # [B, P, 4] each image's proposals first, zeros after
+    counts: Tensor  # [B] int64 each image's number of proposals (device)
+    converged: Tensor  # [] bool: the device NMS reached its fixed point (always True for torchvision's)
 
 
 class AuxRPN(nn.Module):
@@ -59,6 +85,7 @@ class AuxRPN(nn.Module):
         self.pos_iou, self.neg_iou, self.min_pos_iou = pos_iou, neg_iou, min_pos_iou
         self.num_samples, self.pos_fraction = num_samples, pos_fraction
         self.pre_nms_top_n, self.nms_iou, self.post_nms_top_n = pre_nms_top_n, nms_iou, post_nms_top_n
+        self.nms_rounds = 10  # fixed-point rounds of the device NMS (doubled after a step that needed more)
 
     def anchors(self, feat_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Per level [H_l * W_l * A, 4] anchors, xyxy pixels."""
@@ -67,7 +94,8 @@ class AuxRPN(nn.Module):
 
     def forward(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
                 targets: Sequence[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Losses and proposals.
+        """Losses and proposals (the R-CNN head runs ``prepare``, ``settle`` and ``sampled_loss`` itself, to share
+        its one host copy).
 
         Args:
             feats: L maps [B, C, H_l, W_l], one per stride.
@@ -78,6 +106,18 @@ class AuxRPN(nn.Module):
             ``{"loss_rpn_cls", "loss_rpn_bbox"}`` (unweighted, normalised) and B detached proposal sets
             [P_b <= post_nms_top_n, 4] xyxy pixels, best score first.
         """
+        rp = self.prepare(feats, image_sizes, targets)
+        host = to_host(rp.assigned + [rp.converged])
+        rp = self.settle(rp, bool(host[-1].numpy()))
+        losses = self.sampled_loss(rp.logits, rp.deltas, rp.anchors, rp.valid, rp.gts, host[:-1])
+        counts = to_host([rp.counts])[0].tolist()
+        return losses, [rp.proposals[b, :n] for b, n in enumerate(counts)]
+
+    def prepare(self, feats: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+                targets: Sequence[dict[str, Tensor]]) -> RPNPass:
+        """The batch's device work: the head, every image's anchor assignment, candidate boxes and proposals
+        (padded to one size P for the batch, with their counts). Nothing is read on the host here (with the
+        device NMS); ``settle`` then checks the NMS's convergence flag from the caller's host copy."""
         if len(feats) != len(self.strides):
             raise ValueError(f"RPN: {len(feats)} feature levels for {len(self.strides)} strides {self.strides}")
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
@@ -88,16 +128,59 @@ class AuxRPN(nn.Module):
         level_logits = [x.permute(0, 2, 3, 1).reshape(batch, -1).float() for x in logits]
         level_deltas = [x.permute(0, 2, 3, 1).reshape(batch, -1, 4).float() for x in deltas]
         level_anchors = self.anchors(sizes)
-        # the device work of every image first (its anchors' assignment, its candidate boxes), then one host copy
-        # of the assignments and of which candidates are non-empty, then the sampling, the loss and the NMS
         valid, gts, assigned = self.assign(level_anchors, sizes, image_sizes, targets)
         candidates = [self.candidates([x[b].detach() for x in level_logits], [x[b].detach() for x in level_deltas],
                                       level_anchors, image_sizes[b]) for b in range(batch)]
-        host = to_host(assigned + [nonempty(box) for box, *_ in candidates])
-        losses = self.sampled_loss(torch.cat(level_logits, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors),
-                                   valid, gts, host[:batch])
-        proposals = [self.nms(*cand, np.flatnonzero(keep.numpy())) for cand, keep in zip(candidates, host[batch:])]
-        return losses, proposals
+        boxes = torch.stack([c[0] for c in candidates])
+        scores = torch.stack([c[1] for c in candidates])
+        level_sizes = [min(x.shape[1], self.pre_nms_top_n) if self.pre_nms_top_n > 0 else x.shape[1]
+                       for x in level_logits]
+        rp = RPNPass(torch.cat(level_logits, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors), valid, gts,
+                     assigned, boxes, scores, level_sizes, boxes.new_zeros(batch, 0, 4),
+                     torch.zeros(batch, dtype=torch.int64, device=boxes.device),
+                     torch.ones((), dtype=torch.bool, device=boxes.device))
+        if use_device_nms(boxes):
+            return self.device_proposals(rp)
+        return self.exact_proposals(rp)
+
+    def device_proposals(self, rp: RPNPass) -> RPNPass:
+        """Proposals by ``util.nms.segmented_nms`` (every image and level at once, no host read): per image the
+        kept boxes by score (stable, descending: torchvision's order), the best ``post_nms_top_n``."""
+        keep, converged = segmented_nms(rp.boxes, rp.scores, nonempty(rp.boxes), rp.level_sizes, self.nms_iou,
+                                        self.nms_rounds)
+        size = self._padded_size(rp.boxes.shape[1])
+        rank = torch.where(keep, rp.scores, -1.0).sort(dim=1, descending=True, stable=True).indices[:, :size]
+        counts = keep.sum(1).clamp(max=size)
+        proposals = rp.boxes.gather(1, rank[..., None].expand(-1, -1, 4))
+        inside = torch.arange(size, device=counts.device)[None] < counts[:, None]
+        proposals = torch.where(inside[..., None], proposals, 0.0)
+        return rp._replace(proposals=proposals, counts=counts, converged=converged)
+
+    def exact_proposals(self, rp: RPNPass) -> RPNPass:
+        """Proposals by torchvision's ``batched_nms``, image by image, after one host copy of which boxes are
+        non-empty (the CPU's path, and a GPU's when the device NMS did not converge: each NMS reads on the host
+        there)."""
+        ids = torch.cat([torch.full((n,), lvl, dtype=torch.int64, device=rp.boxes.device)
+                         for lvl, n in enumerate(rp.level_sizes)])
+        nonempty_host = to_host([nonempty(rp.boxes)])[0].numpy()
+        found = [self.nms(box, score, ids, np.flatnonzero(keep))
+                 for box, score, keep in zip(rp.boxes, rp.scores, nonempty_host)]
+        size = self._padded_size(rp.boxes.shape[1])
+        proposals = torch.stack([F.pad(p, (0, 0, 0, size - p.shape[0])) for p in found]) if found else rp.proposals
+        counts = host_tensor_to([p.shape[0] for p in found], torch.long, rp.boxes.device)
+        return rp._replace(proposals=proposals, counts=counts,
+                           converged=torch.ones((), dtype=torch.bool, device=rp.boxes.device))
+
+    def settle(self, rp: RPNPass, converged: bool) -> RPNPass:
+        """``rp`` itself when its device NMS converged (the flag read on the host by the caller), else its exact
+        proposals; the next steps then run twice as many fixed-point rounds (up to 64)."""
+        if converged:
+            return rp
+        self.nms_rounds = min(2 * self.nms_rounds, 64)
+        return self.exact_proposals(rp)
+
+    def _padded_size(self, num_candidates: int) -> int:
+        return max(0, min(num_candidates, self.post_nms_top_n))
 
     def loss(self, logits: Tensor, deltas: Tensor, level_anchors: Sequence[Tensor],
              sizes: Sequence[tuple[int, int]], image_sizes: Sequence[tuple[int, int]],
@@ -198,5 +281,10 @@ class AuxRPN(nn.Module):
 
 
 def nonempty(boxes: Tensor) -> Tensor:
-    """[M] bool: the xyxy boxes of positive width and height."""
-    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    """[..., M] bool: the xyxy boxes [..., M, 4] of positive width and height."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+
+def use_device_nms(boxes: Tensor) -> bool:
+    """``DEVICE_NMS``, or (None) whether the boxes are on a GPU."""
+    return boxes.is_cuda if DEVICE_NMS is None else DEVICE_NMS

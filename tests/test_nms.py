@@ -1,0 +1,73 @@
+"""util/nms.py: the batched, sync-free greedy NMS keeps bitwise what torchvision's ``batched_nms`` keeps (its
+coordinate trick) on every image, for any number of fixed-point rounds that reports convergence."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import boxes as tv_boxes
+
+from util.nms import segmented_nms
+
+
+def _random_case(batch: int, sizes: list[int], seed: int, spread: float = 100.0):
+    g = torch.Generator().manual_seed(seed)
+    m = sum(sizes)
+    xy = torch.rand(batch, m, 2, generator=g) * spread
+    wh = torch.rand(batch, m, 2, generator=g) * 30
+    boxes = torch.cat([xy, xy + wh], -1)
+    scores = (torch.rand(batch, m, generator=g) * 20).round() / 20  # many ties: the stable order decides
+    valid = torch.rand(batch, m, generator=g) > 0.15
+    return boxes, scores, valid
+
+
+def _torchvision_keep(boxes, scores, valid, sizes, threshold):
+    ids = torch.cat([torch.full((n,), s, dtype=torch.int64) for s, n in enumerate(sizes)])
+    keep = torch.zeros_like(valid)
+    for b in range(boxes.shape[0]):
+        idx = valid[b].nonzero()[:, 0]
+        kept = tv_boxes._batched_nms_coordinate_trick(boxes[b, idx], scores[b, idx], ids[idx], threshold)
+        keep[b, idx[kept]] = True
+    return keep
+
+
+@pytest.mark.parametrize("sizes,threshold", [([60, 25, 0, 7], 0.5), ([300, 100], 0.3), ([400], 0.7)])
+def test_keep_set_is_torchvisions(sizes, threshold):
+    boxes, scores, valid = _random_case(3, sizes, seed=len(sizes))
+    valid[2] = False  # an image without any valid box
+    expected = _torchvision_keep(boxes, scores, valid, sizes, threshold)
+    keep, converged = segmented_nms(boxes, scores, valid, sizes, threshold, rounds=64)
+    assert bool(converged) and torch.equal(keep, expected)
+    assert not keep[2].any()
+    # the fewest rounds that report convergence already give the exact result; fewer report non-convergence
+    needed = next(r for r in range(1, 65) if segmented_nms(boxes, scores, valid, sizes, threshold, r)[1])
+    assert torch.equal(segmented_nms(boxes, scores, valid, sizes, threshold, needed)[0], expected)
+    if needed > 1:
+        assert not segmented_nms(boxes, scores, valid, sizes, threshold, needed - 1)[1]
+
+
+def test_a_chain_needs_rounds_and_segments_do_not_interact():
+    """A suppresses B, B would suppress C but is itself suppressed: greedy keeps A and C; the iteration first
+    drops C (round 1), then restores it (round 2) and reports convergence from round 3. The same boxes in
+    another segment are another class: kept independently."""
+    chain = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0], [4.0, 0.0, 14.0, 10.0]])
+    boxes = torch.cat([chain, chain])[None]
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    results = [segmented_nms(boxes, scores, valid, [3, 3], 0.5, r) for r in (1, 2, 3)]
+    assert [bool(c) for _, c in results] == [False, False, True]
+    assert results[0][0].tolist() == [[True, False, False, True, False, False]]
+    assert results[2][0].tolist() == [[True, False, True, True, False, True]]
+    invalid_first = valid.clone()
+    invalid_first[0, 0] = False  # an invalid box suppresses nothing: B is kept, and suppresses C
+    assert segmented_nms(boxes, scores, invalid_first, [3, 3], 0.5, 4)[0].tolist() == [
+        [False, True, False, True, False, True]]
+
+
+def test_bad_shapes_are_refused():
+    boxes, scores, valid = _random_case(1, [4], seed=0)
+    with pytest.raises(ValueError, match="sum to M"):
+        segmented_nms(boxes, scores, valid, [3], 0.5, 4)
+    with pytest.raises(ValueError, match="boxes"):
+        segmented_nms(boxes[0], scores, valid, [4], 0.5, 4)
+    with pytest.raises(ValueError, match="rounds"):
+        segmented_nms(boxes, scores, valid, [4], 0.5, 0)
