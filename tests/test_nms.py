@@ -30,19 +30,30 @@ def _torchvision_keep(boxes, scores, valid, sizes, threshold):
     return keep
 
 
-@pytest.mark.parametrize("sizes,threshold", [([60, 25, 0, 7], 0.5), ([300, 100], 0.3), ([400], 0.7)])
-def test_keep_set_is_torchvisions(sizes, threshold):
+@pytest.mark.parametrize("sizes,threshold,block", [([60, 25, 0, 7], 0.5, 4096), ([60, 25, 0, 7], 0.5, 30),
+                                                   ([300, 100], 0.3, 4096), ([300, 100], 0.3, 100),
+                                                   ([400], 0.7, 4096)])
+def test_keep_set_is_torchvisions(sizes, threshold, block):
+    """Segments processed together (one block) or apart (blocks of whole segments) keep what torchvision keeps."""
     boxes, scores, valid = _random_case(3, sizes, seed=len(sizes))
     valid[2] = False  # an image without any valid box
     expected = _torchvision_keep(boxes, scores, valid, sizes, threshold)
-    keep, converged = segmented_nms(boxes, scores, valid, sizes, threshold, rounds=64)
+    keep, converged = segmented_nms(boxes, scores, valid, sizes, threshold, rounds=64, block=block)
     assert bool(converged) and torch.equal(keep, expected)
     assert not keep[2].any()
     # the fewest rounds that report convergence already give the exact result; fewer report non-convergence
-    needed = next(r for r in range(1, 65) if segmented_nms(boxes, scores, valid, sizes, threshold, r)[1])
-    assert torch.equal(segmented_nms(boxes, scores, valid, sizes, threshold, needed)[0], expected)
+    needed = next(r for r in range(1, 65) if segmented_nms(boxes, scores, valid, sizes, threshold, r, block)[1])
+    assert torch.equal(segmented_nms(boxes, scores, valid, sizes, threshold, needed, block)[0], expected)
     if needed > 1:
-        assert not segmented_nms(boxes, scores, valid, sizes, threshold, needed - 1)[1]
+        assert not segmented_nms(boxes, scores, valid, sizes, threshold, needed - 1, block)[1]
+
+
+def test_blocks_are_runs_of_whole_segments():
+    from util.nms import _blocks
+
+    assert _blocks([4000, 4000, 3150, 819, 231], 4096) == [(0, 4000), (4000, 4000), (8000, 3969), (11969, 231)]
+    assert _blocks([60, 25, 0, 7], 4096) == [(0, 92)] and _blocks([60, 25, 0, 7], 30) == [(0, 60), (60, 25), (85, 7)]
+    assert _blocks([5000, 10], 4096) == [(0, 5000), (5000, 10)] and _blocks([0, 0], 10) == []
 
 
 def test_a_chain_needs_rounds_and_segments_do_not_interact():
@@ -61,6 +72,12 @@ def test_a_chain_needs_rounds_and_segments_do_not_interact():
     invalid_first[0, 0] = False  # an invalid box suppresses nothing: B is kept, and suppresses C
     assert segmented_nms(boxes, scores, invalid_first, [3, 3], 0.5, 4)[0].tolist() == [
         [False, True, False, True, False, True]]
+
+
+def test_no_boxes():
+    keep, converged = segmented_nms(torch.zeros(2, 0, 4), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
+                                    [0, 0], 0.5, 3)
+    assert keep.shape == (2, 0) and bool(converged)
 
 
 def test_bad_shapes_are_refused():

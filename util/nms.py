@@ -28,15 +28,20 @@ from torch import Tensor
 
 
 def segmented_nms(boxes: Tensor, scores: Tensor, valid: Tensor, sizes: Sequence[int], iou_threshold: float,
-                  rounds: int) -> tuple[Tensor, Tensor]:
+                  rounds: int, block: int = 4096) -> tuple[Tensor, Tensor]:
     """Per image and per segment (class), greedy NMS of the valid boxes, as torchvision's ``batched_nms`` on
     each image's valid boxes with the segment index as the class (its coordinate trick).
+
+    Consecutive segments are processed together up to ``block`` boxes (one [B, K, K] overlap matrix per block;
+    a longer segment is a block of its own): the coordinate trick keeps the boxes of two segments apart as
+    torchvision's single NMS call does, which assumes, as torchvision does, coordinates >= 0.
 
     Args:
         boxes: [B, M, 4] xyxy; scores: [B, M]; valid: [B, M] bool (invalid boxes neither suppress nor are kept).
         sizes: lengths of the M boxes' consecutive segments; segment s is class s.
         iou_threshold: a box is suppressed by an earlier kept box whose IoU with it is greater.
         rounds: fixed-point rounds (at least 1).
+        block: most boxes of several segments processed together.
 
     Returns:
         keep [B, M] bool, and converged [] bool: False when the last round still changed the keep set (then
@@ -48,44 +53,51 @@ def segmented_nms(boxes: Tensor, scores: Tensor, valid: Tensor, sizes: Sequence[
     if sum(sizes) != boxes.shape[1] or rounds < 1:
         raise ValueError(f"segmented_nms: segment sizes {list(sizes)} must sum to M = {boxes.shape[1]}, "
                          f"rounds ({rounds}) >= 1")
-    keep = torch.zeros_like(valid)
-    converged = torch.ones((), dtype=torch.bool, device=boxes.device)
     if boxes.shape[1] == 0:
-        return keep, converged
+        return torch.zeros_like(valid), torch.ones((), dtype=torch.bool, device=boxes.device)
     # the coordinate trick, per image: the largest coordinate of its valid boxes (-inf without any: then no box
-    # is valid and the NaN offsets are never read)
-    top = boxes.masked_fill(~valid[..., None], float("-inf")).amax(dim=(1, 2))
-    ids = torch.cat([boxes.new_full((size,), float(s)) for s, size in enumerate(sizes)])  # no upload
-    offsets = ids[None] * (top[:, None] + 1)
-    shifted = boxes + offsets[..., None]
-    start = 0
+    # is valid and the NaN offsets are never read); one segment needs no offset (torchvision's adds 0)
+    shifted = boxes
+    if len(sizes) > 1:
+        top = boxes.masked_fill(~valid[..., None], float("-inf")).amax(dim=(1, 2))
+        ids = torch.cat([boxes.new_full((size,), float(s)) for s, size in enumerate(sizes)])  # no upload
+        shifted = boxes + (ids[None] * (top[:, None] + 1))[..., None]
+    keeps, done = [], []
+    for start, size in _blocks(sizes, block):
+        seg = slice(start, start + size)
+        k, d = _greedy_fixed_point(shifted[:, seg], scores[:, seg], valid[:, seg], iou_threshold, rounds)
+        keeps.append(k)
+        done.append(d)
+    return torch.cat(keeps, 1), torch.stack(done).all()
+
+
+def _blocks(sizes: Sequence[int], block: int) -> list[tuple[int, int]]:
+    """(start, length) of runs of whole consecutive segments, each at most ``block`` long unless one segment is."""
+    out, start, length = [], 0, 0
     for size in sizes:
-        if size:
-            seg = slice(start, start + size)
-            k, done = _greedy_fixed_point(shifted[:, seg], scores[:, seg], valid[:, seg], iou_threshold, rounds)
-            keep[:, seg] = k
-            converged = converged & done
-        start += size
-    return keep, converged
+        if length and length + size > block:
+            out.append((start, length))
+            start, length = start + length, 0
+        length += size
+    if length:
+        out.append((start, length))
+    return out
 
 
 def _greedy_fixed_point(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float,
                         rounds: int) -> tuple[Tensor, Tensor]:
-    """One segment of every image: keep [B, K] (the boxes' order) and whether the last round changed nothing."""
+    """One block of every image: keep [B, K] (the boxes' order) and whether the last round changed nothing."""
     order = scores.sort(dim=1, descending=True, stable=True).indices
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    x1, y1, x2, y2 = boxes.gather(1, order[..., None].expand(-1, -1, 4)).unbind(-1)
     alive = valid.gather(1, order)
-    x1, y1, x2, y2 = boxes.unbind(-1)
     area = (x2 - x1) * (y2 - y1)
     w = (torch.min(x2[:, :, None], x2[:, None]) - torch.max(x1[:, :, None], x1[:, None])).clamp(min=0)
     h = (torch.min(y2[:, :, None], y2[:, None]) - torch.max(y1[:, :, None], y1[:, None])).clamp(min=0)
     inter = w * h
     over = inter / (area[:, :, None] + area[:, None] - inter) > iou_threshold  # [B, K (earlier), K (later)]
-    size = boxes.shape[1]
-    over &= torch.ones(size, size, dtype=torch.bool, device=boxes.device).triu(1)[None]
-    over &= alive[:, :, None]
+    size = order.shape[1]
+    over &= torch.ones(size, size, dtype=torch.bool, device=order.device).triu(1) & alive[:, :, None]
     keep, last = alive, alive
     for _ in range(rounds):
         last, keep = keep, alive & ~(over & keep[:, :, None]).any(dim=1)
-    inverse = torch.empty_like(order).scatter_(1, order, torch.arange(size, device=order.device).expand_as(order))
-    return keep.gather(1, inverse), (keep == last).all()
+    return torch.zeros_like(keep).scatter_(1, order, keep), (keep == last).all()

@@ -129,12 +129,9 @@ class AuxRPN(nn.Module):
         level_deltas = [x.permute(0, 2, 3, 1).reshape(batch, -1, 4).float() for x in deltas]
         level_anchors = self.anchors(sizes)
         valid, gts, assigned = self.assign(level_anchors, sizes, image_sizes, targets)
-        candidates = [self.candidates([x[b].detach() for x in level_logits], [x[b].detach() for x in level_deltas],
-                                      level_anchors, image_sizes[b]) for b in range(batch)]
-        boxes = torch.stack([c[0] for c in candidates])
-        scores = torch.stack([c[1] for c in candidates])
-        level_sizes = [min(x.shape[1], self.pre_nms_top_n) if self.pre_nms_top_n > 0 else x.shape[1]
-                       for x in level_logits]
+        boxes, scores, level_sizes = self.batch_candidates([x.detach() for x in level_logits],
+                                                           [x.detach() for x in level_deltas], level_anchors,
+                                                           image_sizes)
         rp = RPNPass(torch.cat(level_logits, 1), torch.cat(level_deltas, 1), torch.cat(level_anchors), valid, gts,
                      assigned, boxes, scores, level_sizes, boxes.new_zeros(batch, 0, 4),
                      torch.zeros(batch, dtype=torch.int64, device=boxes.device),
@@ -249,6 +246,35 @@ class AuxRPN(nn.Module):
         """
         box, score, ids = self.candidates(logits, deltas, level_anchors, image_size)
         return self.nms(box, score, ids, np.flatnonzero(to_host([nonempty(box)])[0].numpy()))
+
+    def batch_candidates(self, logits: Sequence[Tensor], deltas: Sequence[Tensor], level_anchors: Sequence[Tensor],
+                         image_sizes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, list[int]]:
+        """``candidates`` of every image at once (bitwise: the same sort per row, the same elementwise arithmetic).
+
+        Args:
+            logits: per level [B, N_l]; deltas: per level [B, N_l, 4] (detached); level_anchors: per level [N_l, 4].
+
+        Returns:
+            boxes [B, M, 4] xyxy pixels, scores [B, M], and the candidates per level (M in all).
+        """
+        batch = len(image_sizes)
+        scores, boxes, sizes = [], [], []
+        for logit, delta, anchor in zip(logits, deltas, level_anchors):
+            # the CPU's vectorised sigmoid rounds a tensor's tail differently: image by image there, as ``candidates``
+            score = logit.sigmoid() if logit.device.type != "cpu" else torch.stack([x.sigmoid() for x in logit])
+            if 0 < self.pre_nms_top_n < score.shape[1]:
+                score, order = score.sort(dim=1, descending=True)
+                score, order = score[:, :self.pre_nms_top_n], order[:, :self.pre_nms_top_n]
+                delta, anchor = delta.gather(1, order[..., None].expand(-1, -1, 4)), anchor[order]
+            else:
+                anchor = anchor.expand(batch, -1, -1)
+            scores.append(score)
+            boxes.append(decode_deltas(self.coder, delta.reshape(-1, 4), anchor.reshape(-1, 4)).view(batch, -1, 4))
+            sizes.append(score.shape[1])
+        boxes = torch.cat(boxes, 1)
+        # clip_boxes_to_image per image: x to [0, w], y to [0, h]
+        limits = host_tensor_to([[w, h, w, h] for h, w in image_sizes], boxes.dtype, boxes.device)
+        return torch.minimum(boxes.clamp(min=0), limits[:, None]), torch.cat(scores, 1), sizes
 
     def candidates(self, logits: Sequence[Tensor], deltas: Sequence[Tensor], level_anchors: Sequence[Tensor],
                    image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
