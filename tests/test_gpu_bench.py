@@ -43,3 +43,14 @@ def test_launch_verdict_flags_a_faster_setting_only():
                         "**vector_atomics=0 is faster: consider it as the default**")
     assert lines[1] == "- enc bfloat16: time against the defaults: point_lanes=1 x0.99."  # within 3 %: no flag
     assert launch_verdict(rows[3:4]) == []  # nothing timed beside the defaults
+
+
+def test_report_renders_the_nms_comparison(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_bench import report
+    nms = {"device": "cpu", "results": [{"case": "coco", "batch": 2, "candidates": [4000, 4000, 4000, 2457, 693],
+                                         "device_ms": 4.0, "torchvision_ms": 6.0, "ratio": 1.5, "rounds_needed": 12,
+                                         "default_rounds": 16, "converged_in_default_rounds": True,
+                                         "same_proposals": True}]}
+    text = report(tmp_path, {"nms": {"status": "ok", "seconds": 1.0, "command": ""}}, {"nms.json": nms}, True)
+    assert "| coco (batch 2) | 15150 | 4.00 | 6.00 | 1.50 | 12 (16) | True |" in text

@@ -88,3 +88,27 @@ def test_bad_shapes_are_refused():
         segmented_nms(boxes[0], scores, valid, [4], 0.5, 4)
     with pytest.raises(ValueError, match="rounds"):
         segmented_nms(boxes, scores, valid, [4], 0.5, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("threshold", [0.7, 0.5])
+def test_cuda_keep_set_is_torchvisions_cuda_kernel(threshold):
+    """On a GPU against torchvision's CUDA NMS (its kernel may fuse the IoU's multiply-adds; this says whether a
+    pair within a rounding of the threshold is decided differently): dense, overlapping RPN-like candidates."""
+    sizes = [2000, 1500, 400]
+    boxes, scores, valid = _random_case(2, sizes, seed=7, spread=300.0)
+    boxes, scores, valid = boxes.cuda(), torch.rand(scores.shape, generator=torch.Generator().manual_seed(1)).cuda(), \
+        valid.cuda()
+    ids = torch.cat([torch.full((n,), s, dtype=torch.int64) for s, n in enumerate(sizes)]).cuda()
+    keep, converged = segmented_nms(boxes, scores, valid, sizes, threshold, rounds=64)
+    assert bool(converged)
+    for b in range(2):
+        idx = valid[b].nonzero()[:, 0]
+        kept = tv_boxes._batched_nms_coordinate_trick(boxes[b, idx], scores[b, idx], ids[idx], threshold)
+        expected = torch.zeros_like(valid[b])
+        expected[idx[kept]] = True
+        assert torch.equal(keep[b], expected), f"image {b}: {(keep[b] != expected).sum().item()} boxes differ"
+    # and the CPU computes the same keep set
+    cpu_keep, _ = segmented_nms(boxes.cpu(), scores.cpu(), valid.cpu(), sizes, threshold, rounds=64)
+    assert torch.equal(cpu_keep, keep.cpu())

@@ -85,7 +85,8 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
                 "--impls", "cuda", "--dtypes", "float32", "bfloat16", "--locations", "encoder",
                 "--tunings", *LAUNCH_SETTINGS]
         addon = ["--batch_size", "2", "--image_size", "800", "--image_width", "1333", "--steps", "5", "--warmup", "2"]
-        tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops"]
+        tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops", "tests/test_nms.py",
+                 "tests/addons/test_co_rcnn.py"]
     bench = [py, "tools/benchmark.py", *model.split(), "--bench_size", *size, "--bench_batch", batch, *iters]
     steps = [("cuda_tests", tests, 240, ""),
              ("msda", msda + ["--json", "{out}/msda.json"], 120, "msda.json")]
@@ -104,6 +105,9 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
         steps.append((f"addon_{name}", [py, "tools/addon_step_time.py", f"--model={model}",  # '=': values start with --
                                         f"--flags={TWO_STAGE} {base}".strip(), f"--addon_flags={flags}", *addon,
                                         "--json", f"{{out}}/addon_{name}.json"], 150, f"addon_{name}.json"))
+    nms = [py, "tools/benchmark_nms.py", "--device", dev.split()[1], *(["--cases", "small", "--repeats", "1"]
+                                                                       if smoke else []), "--json", "{out}/nms.json"]
+    steps.append(("nms", nms, 90, "nms.json"))
     steps.append(("small_fp32_compile", small + ["--compile", *(["--compile_backend", "eager"] if smoke else []),
                                                  "--json", "{out}/small_fp32_compile.json"], 150,
                   "small_fp32_compile.json"))
@@ -182,6 +186,16 @@ def report(out: Path, log: dict, results: dict, smoke: bool) -> str:
             r = results[k]
             lines.append(f"| {k.removeprefix('addon_').removesuffix('.json')} | `{r['addon_flags']}` | "
                          f"{r['a_s'] * 1e3:.1f} | {r['b_s'] * 1e3:.1f} | {r['ratio']:.2f} |")
+    nms = results.get("nms.json")
+    if nms:
+        lines += ["", "## Co-DETR's RPN proposals: device NMS against torchvision's image by image (ms, ending with "
+                  "one sync; tools/benchmark_nms.py)", "", "| case | candidates per image | device NMS | torchvision "
+                  "| torchvision / device | rounds needed (default) | same proposals |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in nms["results"]:
+            lines.append(f"| {r['case']} (batch {r['batch']}) | {sum(r['candidates'])} | {r['device_ms']:.2f} | "
+                         f"{r['torchvision_ms']:.2f} | {r['ratio']:.2f} | {r['rounds_needed']} ({r['default_rounds']}) "
+                         f"| {r['same_proposals']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -343,7 +343,7 @@ def _head_step(head, feats, sizes, targets, seed=0):
     return out, grads, torch.get_rng_state()
 
 
-@pytest.mark.parametrize("rounds", [10, 1])
+@pytest.mark.parametrize("rounds", [16, 1])
 def test_device_nms_gives_the_host_paths_results(monkeypatch, rounds):
     """The GPU's path (``DEVICE_NMS``: the batch's NMS on the device, padded proposals, one host copy for the
     anchors' and the RoIs' assignments) computes bitwise what the CPU's does (torchvision's NMS per image):
@@ -359,7 +359,7 @@ def test_device_nms_gives_the_host_paths_results(monkeypatch, rounds):
     monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", True)
     head.rpn.nms_rounds = rounds
     out, grads, rng = _head_step(head, feats, sizes, targets)
-    assert head.rpn.nms_rounds == (10 if rounds == 10 else 2)
+    assert head.rpn.nms_rounds == (16 if rounds == 16 else 2)
     for k in ref_out.losses:
         assert torch.equal(out.losses[k], ref_out.losses[k]), k
     for field in ("coords", "labels", "box_targets", "feats"):
@@ -375,3 +375,22 @@ def test_device_nms_gives_the_host_paths_results(monkeypatch, rounds):
     _, listed = head.rpn(feats, sizes, targets)
     assert [p.shape[0] for p in listed] == exact.counts.tolist()
     assert all(torch.equal(p, exact.proposals[b, :len(p)]) for b, p in enumerate(listed))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_nms_gives_torchvisions_proposals(monkeypatch):
+    """On a GPU: the RPN's proposals by the device NMS equal those of torchvision's CUDA NMS image by image."""
+    from models.addons.co_detr import rcnn_rpn
+
+    rpn = AuxRPN(in_channels=16, strides=STRIDES, pre_nms_top_n=2000, post_nms_top_n=1000).cuda()
+    feats = [f.detach().cuda() for f in pyramid(2, 400, 600)]
+    sizes, targets = [(400, 600), (300, 350)], [{k: v.cuda() for k, v in t.items()} for t in targets_two_images()]
+    with torch.no_grad():
+        monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", True)
+        rpn.nms_rounds = 64
+        device = rpn.prepare(feats, sizes, targets)
+        monkeypatch.setattr(rcnn_rpn, "DEVICE_NMS", False)
+        exact = rpn.prepare(feats, sizes, targets)
+    assert bool(device.converged)
+    assert torch.equal(device.counts, exact.counts) and torch.equal(device.proposals, exact.proposals)

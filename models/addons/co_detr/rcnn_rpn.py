@@ -85,7 +85,7 @@ class AuxRPN(nn.Module):
         self.pos_iou, self.neg_iou, self.min_pos_iou = pos_iou, neg_iou, min_pos_iou
         self.num_samples, self.pos_fraction = num_samples, pos_fraction
         self.pre_nms_top_n, self.nms_iou, self.post_nms_top_n = pre_nms_top_n, nms_iou, post_nms_top_n
-        self.nms_rounds = 10  # fixed-point rounds of the device NMS (doubled after a step that needed more)
+        self.nms_rounds = 16  # fixed-point rounds of the device NMS (doubled after a step that needed more)
 
     def anchors(self, feat_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Per level [H_l * W_l * A, 4] anchors, xyxy pixels."""
