@@ -5,12 +5,21 @@
 # denoising, the small demo model, every add-on's side-by-side cost, Co-DETR's device NMS against torchvision's).
 # Results: OUT/gpu_bench.md and .json.
 #   bash tools/gpu_bench.sh [OUT]      (default outputs/gpu_bench; extra arguments go to gpu_bench.py)
+# On a lent GPU machine (no pycocotools there): bash tools/device_wheels.sh here first, then run this there with
+# .whl carried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/gpu_bench}
 shift || true
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
+# pycocotools (imported by the data and training tools) is not on the lent GPU machines: tools/device_wheels.sh puts
+# its wheel in .whl/ here, the device run carries .whl and it is installed for this run
+if ! $PY -c "import pycocotools" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -c "import pycocotools" 2>/dev/null || { echo "pycocotools is missing: run tools/device_wheels.sh here and carry .whl"; exit 1; }
 ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 echo "building the op for sm_${ARCH/./} only"
 start=$(date +%s)
