@@ -48,6 +48,20 @@ def test_keep_set_is_torchvisions(sizes, threshold, block):
         assert not segmented_nms(boxes, scores, valid, sizes, threshold, needed - 1, block)[1]
 
 
+def test_images_in_chunks_give_the_same_keep_set(monkeypatch):
+    """A batch too large for one overlap matrix runs image chunk by image chunk: the same keep set and flag."""
+    import util.nms
+
+    sizes = [60, 25, 7]
+    boxes, scores, valid = _random_case(5, sizes, seed=3)
+    whole = segmented_nms(boxes, scores, valid, sizes, 0.5, 4)
+    monkeypatch.setattr(util.nms, "MAX_PAIRS", 2 * 92 * 92)  # two images at a time
+    chunked = segmented_nms(boxes, scores, valid, sizes, 0.5, 4)
+    assert torch.equal(whole[0], chunked[0]) and bool(whole[1]) == bool(chunked[1])
+    assert torch.equal(segmented_nms(boxes, scores, valid, sizes, 0.5, 64)[0],
+                       _torchvision_keep(boxes, scores, valid, sizes, 0.5))
+
+
 def test_blocks_are_runs_of_whole_segments():
     from util.nms import _blocks
 

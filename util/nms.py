@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+MAX_PAIRS = 1 << 27  # overlap-matrix entries computed at once (images of a block in chunks above it)
+
 
 def segmented_nms(boxes: Tensor, scores: Tensor, valid: Tensor, sizes: Sequence[int], iou_threshold: float,
                   rounds: int, block: int = 4096) -> tuple[Tensor, Tensor]:
@@ -65,9 +67,12 @@ def segmented_nms(boxes: Tensor, scores: Tensor, valid: Tensor, sizes: Sequence[
     keeps, done = [], []
     for start, size in _blocks(sizes, block):
         seg = slice(start, start + size)
-        k, d = _greedy_fixed_point(shifted[:, seg], scores[:, seg], valid[:, seg], iou_threshold, rounds)
-        keeps.append(k)
-        done.append(d)
+        # images in chunks of at most MAX_PAIRS overlap entries (each float temporary [b, K, K] <= 512 MiB)
+        per = max(1, MAX_PAIRS // max(size * size, 1))
+        parts = [_greedy_fixed_point(shifted[i:i + per, seg], scores[i:i + per, seg], valid[i:i + per, seg],
+                                     iou_threshold, rounds) for i in range(0, boxes.shape[0], per)]
+        keeps.append(torch.cat([k for k, _ in parts]) if len(parts) > 1 else parts[0][0])
+        done += [d for _, d in parts]
     return torch.cat(keeps, 1), torch.stack(done).all()
 
 
