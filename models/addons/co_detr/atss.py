@@ -230,8 +230,11 @@ class ATSSHead(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f in feats]
         per_level = level_anchors(shapes, self.strides, self.octave_base_scale, device)
         anchors = torch.cat(per_level)
-        valid = torch.stack([valid_flags(shapes, self.strides, s, device) for s in image_sizes])  # [B, S]
-        host = [valid_index(shapes, self.strides, s) for s in image_sizes]  # the same anchors, from the sizes
+        host = [valid_index(shapes, self.strides, s) for s in image_sizes]  # the valid anchors, from the sizes
+        flags = np.zeros((len(image_sizes), anchors.shape[0]), dtype=bool)  # valid_flags of every image, one upload
+        for b, (idx, _) in enumerate(host):
+            flags[b, idx] = True
+        valid = host_tensor_to(flags, torch.bool, device)  # [B, S]
         index = host_tensor_to(np.concatenate([h[0] for h in host]), torch.long, device)
         index = index.split([len(h[0]) for h in host])
         assigned = [self.targets(anchors, i, counts, t) for i, (_, counts), t in zip(index, host, targets)]
