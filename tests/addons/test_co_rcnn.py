@@ -394,3 +394,29 @@ def test_cuda_device_nms_gives_torchvisions_proposals(monkeypatch):
         exact = rpn.prepare(feats, sizes, targets)
     assert bool(device.converged)
     assert torch.equal(device.counts, exact.counts) and torch.equal(device.proposals, exact.proposals)
+
+
+def test_rpn_assignment_of_the_batch_is_each_images(monkeypatch):
+    """The batch's anchor assignment at once (ground truth padded, invalid anchors masked) equals each image's
+    MaxIoU assignment of its own valid anchors; also when the images are taken one at a time (the memory cap)."""
+    from torchvision.ops import box_iou
+
+    from models.addons.co_detr import rcnn_rpn
+    from models.addons.co_detr.rcnn_ops import valid_index
+
+    rpn = AuxRPN(in_channels=16, strides=STRIDES)
+    sizes = [(math.ceil(100 / s), math.ceil(120 / s)) for s in STRIDES]
+    level_anchors, anchors = rpn.anchors(sizes), torch.cat(rpn.anchors(sizes))
+    # smaller images than the batch's: anchors in their padding are not valid (none, here, would be a box's best)
+    image_sizes = [(100, 120), (50, 40), (50, 40)]
+    targets = targets_two_images()[:1] + [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.tensor([[22.0, 31.0, 40.0,
+                                                                                                 50.0]])}]
+    valid, _, assigned = rpn.assign(level_anchors, sizes, image_sizes, targets)
+    for b, (size, t) in enumerate(zip(image_sizes, targets)):
+        idx = torch.from_numpy(valid_index(sizes, STRIDES, size, rpn.num_anchors))
+        assert torch.equal(idx, torch.from_numpy(valid[b]))
+        expected = max_iou_assign(box_iou(t["boxes"], anchors[idx]), 0.7, 0.3, 0.3, low_quality=True)
+        assert torch.equal(assigned[b][idx], expected)
+    assert (assigned[0] > 0).any() and not (assigned[1] != 0).any()
+    monkeypatch.setattr(rcnn_rpn, "MAX_PAIRS", 1)
+    assert all(torch.equal(a, b) for a, b in zip(assigned, rpn.assign(level_anchors, sizes, image_sizes, targets)[2]))

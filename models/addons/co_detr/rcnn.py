@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.ops import box_iou
 
+from util.box_ops import box_iou
 from util.misc import host_tensor_to
 
 from ...matcher import run_stages, to_host
@@ -133,32 +133,45 @@ class RCNNAuxHead(nn.Module):
         """``sample_rois`` of every image with one host copy: each image's assignment on the device, one copy of
         them all, MMDetection's sampling on the host (its draws, image by image, in the same order), one upload.
         Also returns each image's number of positives (its first rows)."""
-        images = self.assign_rois(proposals, None, targets)
+        size = max((p.shape[0] for p in proposals), default=0)
+        padded = torch.stack([F.pad(p, (0, 0, 0, size - p.shape[0])) for p in proposals])
+        counts = host_tensor_to([p.shape[0] for p in proposals], torch.long, padded.device)
+        images = self.assign_rois(padded, counts, targets)
         return [s[:4] for s in self.sample_assigned(images, to_host([im[3] for im in images]))]
 
-    def assign_rois(self, proposals: Sequence[Tensor], counts: Tensor | None, targets: Sequence[dict[str, Tensor]]
+    def assign_rois(self, proposals: Tensor, counts: Tensor, targets: Sequence[dict[str, Tensor]]
                     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-        """Every image's RoI assignment on the device: (boxes: the ground truth then the proposals, gt_boxes,
-        gt_labels, assignment [G + P], pooling level of every box [G + P]: ``map_roi_levels`` before the
-        sampling, so that the host reads the sampled RoIs' levels from the assignment's copy).
+        """Every image's RoI assignment, computed for the batch at once on the device; per image (boxes: the
+        ground truth then the proposals, gt_boxes, gt_labels, assignment [G + P], pooling level of every box
+        [G + P]: ``map_roi_levels`` before the sampling, so that the host reads the sampled RoIs' levels from the
+        assignment's copy).
 
         Args:
-            proposals: per image [P, 4]; counts: [B] (device) when only each image's first ``counts[b]`` are
-                proposals (the RPN's padded batch): the rest are ignored (-1), so that no draw sees them.
+            proposals: [B, P, 4]; counts: [B] (device): each image's first ``counts[b]`` rows are its proposals,
+                the rest padding, assigned -1 (ignored: no draw sees them).
         """
+        batch, size = proposals.shape[:2]
+        device = proposals.device
+        gts = [t["boxes"].to(proposals) for t in targets]
+        most = max((g.shape[0] for g in gts), default=0)
+        assigned = torch.zeros(batch, size, dtype=torch.int64, device=device)
+        if most and size:  # ground truth padded to the batch's most; its padding rows never match (IoU -1)
+            real = host_tensor_to([[k < g.shape[0] for k in range(most)] for g in gts], torch.bool, device)
+            ious = box_iou(torch.stack([F.pad(g, (0, 0, 0, most - g.shape[0])) for g in gts]), proposals)[0]
+            assigned = max_iou_assign(ious.masked_fill(~real[..., None], -1.0), self.roi_pos_iou, self.roi_neg_iou,
+                                      self.roi_pos_iou, low_quality=False)
+        assigned = torch.where(torch.arange(size, device=device)[None] < counts[:, None], assigned, -1)
+        levels = map_roi_levels(proposals.reshape(-1, 4), self.num_roi_levels, self.finest_scale).view(batch, size)
+        gt_levels = map_roi_levels(torch.cat(gts), self.num_roi_levels, self.finest_scale).split(
+            [g.shape[0] for g in gts]) if gts else []
         images = []
-        for b, (props, t) in enumerate(zip(proposals, targets)):
-            gt_boxes, gt_labels = t["boxes"].to(props), t["labels"].to(props.device)
-            gt_inds = max_iou_assign(box_iou(gt_boxes, props), self.roi_pos_iou, self.roi_neg_iou,
-                                     self.roi_pos_iou, low_quality=False)
-            if counts is not None:
-                gt_inds = torch.where(torch.arange(props.shape[0], device=props.device) < counts[b], gt_inds, -1)
-            boxes = props
+        for b, (gt_boxes, t) in enumerate(zip(gts, targets)):
+            boxes, gt_inds, box_levels = proposals[b], assigned[b], levels[b]
             if self.roi_add_gt and gt_boxes.shape[0] > 0:
-                boxes = torch.cat([gt_boxes, props])
-                gt_inds = torch.cat([torch.arange(1, gt_boxes.shape[0] + 1, device=gt_inds.device), gt_inds])
-            levels = map_roi_levels(boxes, self.num_roi_levels, self.finest_scale)
-            images.append((boxes, gt_boxes, gt_labels, gt_inds, levels))
+                boxes = torch.cat([gt_boxes, boxes])
+                gt_inds = torch.cat([torch.arange(1, gt_boxes.shape[0] + 1, device=device), gt_inds])
+                box_levels = torch.cat([gt_levels[b], box_levels])
+            images.append((boxes, gt_boxes, t["labels"].to(device), gt_inds, box_levels))
         return images
 
     def sample_assigned(self, images: Sequence[tuple[Tensor, ...]], host: Sequence[Tensor]
@@ -228,12 +241,12 @@ class RCNNAuxHead(nn.Module):
                              f"{len(targets)} targets")
         batch = len(targets)
         rp = self.rpn.prepare(feats, image_sizes, targets)
-        images = self.assign_rois(list(rp.proposals.unbind(0)), rp.counts, targets)
+        images = self.assign_rois(rp.proposals, rp.counts, targets)
         host = yield rp.assigned + [im[3] for im in images] + [im[4] for im in images] + [rp.converged]
         rpn_host, roi_host, level_host = host[:batch], host[batch:2 * batch], host[2 * batch:3 * batch]
         if not host[-1].numpy():  # the device NMS needed more rounds: the exact proposals, their own copy
             rp = self.rpn.settle(rp, False)
-            images = self.assign_rois(list(rp.proposals.unbind(0)), rp.counts, targets)
+            images = self.assign_rois(rp.proposals, rp.counts, targets)
             again = to_host([im[3] for im in images] + [im[4] for im in images])
             roi_host, level_host = again[:batch], again[batch:]
         losses = self.rpn.sampled_loss(rp.logits, rp.deltas, rp.anchors, rp.valid, rp.gts, rpn_host)

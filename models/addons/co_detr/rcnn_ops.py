@@ -157,26 +157,25 @@ def valid_index(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int], i
 
 def max_iou_assign(ious: Tensor, pos_iou: float, neg_iou: float, min_pos_iou: float,
                    low_quality: bool) -> Tensor:
-    """MMDetection's MaxIoUAssigner on a [G, N] IoU matrix (ground truth x boxes).
+    """MMDetection's MaxIoUAssigner on a [..., G, N] IoU matrix (ground truth x boxes; leading dimensions: a batch
+    of images, each assigned alone).
 
     Returns:
-        [N] int64: 0 = negative (max IoU < neg_iou), k + 1 = assigned to ground truth k, -1 = ignored.
+        [..., N] int64: 0 = negative (max IoU < neg_iou), k + 1 = assigned to ground truth k, -1 = ignored.
         Low-quality matching (``gt_max_assign_all``): every box that ties a ground truth's best IoU, if that
         IoU >= min_pos_iou, is assigned to it; a later ground truth overrides an earlier one.
     """
-    num_gt, num_boxes = ious.shape
-    if num_boxes == 0:
-        return torch.zeros(0, dtype=torch.int64, device=ious.device)
-    if num_gt == 0:
-        return torch.zeros(num_boxes, dtype=torch.int64, device=ious.device)
+    num_gt, num_boxes = ious.shape[-2:]
+    if num_boxes == 0 or num_gt == 0:
+        return torch.zeros(ious.shape[:-2] + (num_boxes,), dtype=torch.int64, device=ious.device)
     # torchvision's Matcher (best ground truth per box; below neg_iou -> negative, between -> ignored), written
     # with where: its boolean-mask assignments count as syncs
-    best, matches = ious.max(dim=0)
+    best, matches = ious.max(dim=-2)
     gt_inds = torch.where(best < neg_iou, 0, torch.where(best < pos_iou, -1, matches + 1))
     if low_quality:
-        gt_max = ious.max(dim=1).values
-        hits = (ious == gt_max[:, None]) & (gt_max[:, None] >= min_pos_iou)
-        last = (hits * torch.arange(1, num_gt + 1, device=ious.device)[:, None]).max(dim=0).values
+        gt_max = ious.max(dim=-1).values
+        hits = (ious == gt_max[..., None]) & (gt_max[..., None] >= min_pos_iou)
+        last = (hits * torch.arange(1, num_gt + 1, device=ious.device)[:, None]).max(dim=-2).values
         gt_inds = torch.where(last > 0, last, gt_inds)
     return gt_inds
 

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from util.box_ops import box_iou
 from util.misc import host_tensor_to
-from util.nms import segmented_nms
+from util.nms import MAX_PAIRS, segmented_nms
 
 from ...matcher import to_host
 from .rcnn_ops import (
@@ -49,7 +50,7 @@ class RPNPass(NamedTuple):
     anchors: Tensor  # [N, 4]
     valid: list[np.ndarray]  # per image its valid anchors (host indices)
     gts: list[Tensor]  # per image its ground-truth boxes [G, 4]
-    assigned: list[Tensor]  # per image its valid anchors' MaxIoU assignment (device)
+    assigned: list[Tensor]  # per image the MaxIoU assignment of all anchors [N] (device; valid ones meaningful)
     boxes: Tensor  # [B, M, 4] the NMS candidates, level by level (detached)
     scores: Tensor  # [B, M]
     level_sizes: list[int]  # the candidates per level
@@ -193,20 +194,35 @@ class AuxRPN(nn.Module):
     def assign(self, level_anchors: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict[str, Tensor]]
                ) -> tuple[list[np.ndarray], list[Tensor], list[Tensor]]:
-        """Every image's MaxIoU assignment of its valid anchors, on the device.
+        """Every image's MaxIoU assignment of its valid anchors, computed for the batch at once on the device
+        (the ground truth padded to the batch's most; padding rows and invalid anchors take IoU -1, so that they
+        neither match nor count in a ground truth's best IoU).
 
         Returns:
             per image: the valid anchors (host indices into all anchors, from the sizes), the ground-truth boxes,
-            the assignment [n_valid] (0 negative, -1 ignored, k > 0 the k-th box; on the device).
+            the assignment of ALL anchors [N] (0 negative, -1 ignored, k > 0 the k-th box; on the device; only its
+            valid anchors' entries are the image's assignment).
         """
         anchors = torch.cat(level_anchors)
-        device = anchors.device
-        valid = [valid_index(sizes, self.strides, image_sizes[b], self.num_anchors) for b in range(len(targets))]
-        valid_dev = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *valid]), torch.long, device)
-        valid_dev = valid_dev.split([len(v) for v in valid])
+        device, batch = anchors.device, len(targets)
+        valid = [valid_index(sizes, self.strides, image_sizes[b], self.num_anchors) for b in range(batch)]
         gts = [t["boxes"].to(anchors) for t in targets]
-        assigned = [max_iou_assign(box_iou(gt, anchors[idx]), self.pos_iou, self.neg_iou, self.min_pos_iou,
-                                   low_quality=True) for gt, idx in zip(gts, valid_dev)]
+        most = max((g.shape[0] for g in gts), default=0)
+        if most == 0 or anchors.shape[0] == 0:
+            return valid, gts, list(torch.zeros(batch, anchors.shape[0], dtype=torch.int64, device=device))
+        usable = np.zeros((batch, most + anchors.shape[0]), dtype=bool)  # per image: its real GT rows, valid anchors
+        for b, (g, v) in enumerate(zip(gts, valid)):
+            usable[b, :g.shape[0]] = True
+            usable[b, most + v] = True
+        usable = host_tensor_to(usable, torch.bool, device)
+        padded = torch.stack([F.pad(g, (0, 0, 0, most - g.shape[0])) for g in gts])
+        assigned = []
+        per = max(1, MAX_PAIRS // (most * anchors.shape[0]))  # images at once: IoU temporaries <= 2^27 entries
+        for i in range(0, batch, per):
+            ious = box_iou(padded[i:i + per], anchors)[0]
+            ious = ious.masked_fill(~(usable[i:i + per, :most, None] & usable[i:i + per, None, most:]), -1.0)
+            assigned += list(max_iou_assign(ious, self.pos_iou, self.neg_iou, self.min_pos_iou,
+                                            low_quality=True).unbind(0))
         return valid, gts, assigned
 
     def sampled_loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, valid: Sequence[np.ndarray],
@@ -215,12 +231,14 @@ class AuxRPN(nn.Module):
         image, one upload of the sampled anchors.
 
         Args:
-            anchors: [N, 4] all anchors; valid, gts: from ``assign``; assigned: its assignments, on the host.
+            anchors: [N, 4] all anchors; valid, gts: from ``assign``; assigned: its assignments (of all anchors),
+                on the host.
         """
         picks = []  # per image: the sampled positive and negative anchors, each positive's ground truth
-        for v, gt_inds in zip(valid, assigned):
-            pos, neg = random_sample_host(gt_inds.numpy(), self.num_samples, self.pos_fraction)
-            picks += [v[pos], v[neg], gt_inds.numpy()[pos] - 1]
+        for v, all_inds in zip(valid, assigned):
+            gt_inds = all_inds.numpy()[v]  # the valid anchors' assignment
+            pos, neg = random_sample_host(gt_inds, self.num_samples, self.pos_fraction)
+            picks += [v[pos], v[neg], gt_inds[pos] - 1]
         flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64), *picks]), torch.long, anchors.device)
         parts = iter(flat.split([len(p) for p in picks]))
         cls_sum, box_sum, count = logits.new_zeros(()), logits.new_zeros(()), 0
