@@ -233,3 +233,19 @@ def test_a_subclass_that_overrides_stages_or_costs_is_matched_layer_by_layer():
 
     assert layer_staged(HungarianMatcher()) is not None
     assert layer_staged(OwnCosts()) is None and layer_staged(OwnStages()) is None
+
+
+def test_counter_counts_blocking_uploads():
+    """Blocking host-to-device copies wait for the device on a GPU: counted as ``upload NAME``. Non-blocking copies
+    of host tensors, and host-only work, are not."""
+    weights = torch.randn(4)  # made before counting: a device tensor
+    with SyncCounter() as syncs:
+        weights.new_tensor([1.0, 2.0, 3.0, 4.0])  # host data onto the device
+        torch.tensor([1.0, 2.0], device=weights.device)
+        torch.as_tensor([1, 2]).to(weights.device)  # a host tensor moved, blocking
+        torch.zeros(2, device=weights.device).copy_(torch.as_tensor([1.0, 2.0]))
+        torch.as_tensor([1, 2]).to(weights.device, non_blocking=True)  # not a sync
+        torch.as_tensor([1.0]).new_tensor([3.0])  # host only
+        weights * 2.0
+    assert syncs.total == 4 and syncs.counts["upload new_tensor"] == 1 and syncs.counts["upload to"] == 1
+    assert syncs.counts["upload tensor"] == 1 and syncs.counts["upload copy_"] == 1 and sum(syncs.uploads.values()) == 4

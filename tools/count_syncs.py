@@ -82,8 +82,6 @@ def main() -> None:
         if args.sites:
             for site, c in four.by_site():
                 print(f"    {c:4d}  {site}")
-            for site, c in four.uploads.most_common():
-                print(f"    {c:4d}  {site}  (not counted: a blocking host-to-device copy on a GPU)")
             for site, c in four.host_meets_device.most_common():
                 print(f"    {c:4d}  {site}  (not counted: a host tensor meets a device tensor: an upload or an error "
                       f"on a GPU)")

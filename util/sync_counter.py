@@ -14,12 +14,14 @@ overlap mask on the host), and indexing or assignment with a boolean mask;
 a host-to-device ``.to()`` / ``.copy_()`` with ``non_blocking=True`` is not a sync (it does not wait for the
 device). ``.numpy()`` is not counted: it needs a host tensor, so the copy that made one was counted already. On the
 CPU every tensor is a host tensor, so an operation on data that would already be on the host of a GPU run (say
-``int()`` of an index scipy returned) is counted too: the figures are an upper bound of the GPU's. Blind spot:
-host-to-device copies do not exist on the CPU, so the blocking ones a GPU pays (``torch.tensor(list,
-device=cuda)``, indexing a device tensor with a host index tensor: both wait for the device) are not counted;
-tensors made from host data with an explicit ``device=`` are listed apart (``SyncCounter.uploads``) as candidates.
+``int()`` of an index scipy returned) is counted too: the figures are an upper bound of the GPU's.
+Host-to-device copies do not exist on the CPU, but the blocking ones a GPU pays (each waits for the device:
+``cudaStreamSynchronize``) are counted too, as ``upload NAME`` (also listed in ``SyncCounter.uploads``): a tensor
+made from host data with an explicit ``device=`` (``torch.tensor(list, device=...)``), ``device_tensor.new_tensor(
+data)``, and by provenance (below) ``host_tensor.to(device)`` / ``.cuda()`` and ``device_tensor.copy_(host_tensor)``
+without ``non_blocking=True``.
 
-The implicit ones are found by provenance (``SyncCounter.host_meets_device``): a tensor is a host tensor when a GPU
+Implicit uploads are found by provenance (``SyncCounter.host_meets_device``): a tensor is a host tensor when a GPU
 run would make it on the host (a factory such as ``torch.arange`` / ``as_tensor`` / ``zeros`` without ``device=``,
 ``torch.from_numpy``, ``.cpu()``, or an operation on host tensors only); every other tensor is a device tensor
 (parameters, the batch, what a factory makes with ``device=``, ``.to(device)``). An operation whose inputs mix a
@@ -83,8 +85,7 @@ def _has_bool_mask(index: Any) -> bool:
 
 def _is_upload(name: str, args: tuple, kwargs: dict) -> bool:
     """A tensor made from host data (lists, numbers, arrays) with an explicit ``device=``: on a GPU a blocking
-    host-to-device copy, which waits for the device like a sync; on the CPU it is not one, so these are only
-    listed (``SyncCounter.uploads``), not counted in ``total``."""
+    host-to-device copy, which waits for the device like a sync (counted, and listed in ``SyncCounter.uploads``)."""
     return (name in ("tensor", "as_tensor") and kwargs.get("device") is not None and bool(args)
             and not torch.is_tensor(args[0]))
 
@@ -160,6 +161,21 @@ class SyncCounter(TorchFunctionMode):
             else:
                 self._host.pop(id(t), None)
 
+    def _is_host_upload(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Host data made into a device tensor with a blocking copy, found by provenance: ``device_tensor.new_tensor(
+        data)``; ``host_tensor.to(device)`` / ``.cuda()`` and ``device_tensor.copy_(host_tensor)`` without
+        ``non_blocking=True`` (on a GPU each waits for the device, like a sync)."""
+        if not args or not torch.is_tensor(args[0]):
+            return False
+        if name == "new_tensor":
+            return len(args) > 1 and not torch.is_tensor(args[1]) and not self._is_host(args[0])
+        non_blocking = bool(kwargs.get("non_blocking")) or any(a is True for a in args[2:])
+        if name in ("to", "cuda") and not non_blocking and self._is_host(args[0]):
+            return name == "cuda" or any(isinstance(a, (str, torch.device)) for a in (*args[1:], kwargs.get("device")))
+        if name == "copy_" and not non_blocking and len(args) > 1 and torch.is_tensor(args[1]):
+            return self._is_host(args[1]) and not self._is_host(args[0])
+        return False
+
     def _provenance(self, func: Callable, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         """Mark ``out`` host or device; list an operation that mixes host and device tensors."""
         if name in ("cpu", "pin_memory", "numpy"):
@@ -207,7 +223,11 @@ class SyncCounter(TorchFunctionMode):
             self.total += 1
             self.counts[name] += 1
             self.sites[f"{self._site()} {name}"] += 1
-        elif _is_upload(name, args, kwargs) and not _called_by_torch():
+        elif (_is_upload(name, args, kwargs) or self._is_host_upload(name, args, kwargs)) and not _called_by_torch():
+            # a blocking host-to-device copy: on a GPU it waits for the device (cudaStreamSynchronize)
+            self.total += 1
+            self.counts[f"upload {name}"] += 1
+            self.sites[f"{self._site()} upload {name}"] += 1
             self.uploads[f"{self._site()} {name}"] += 1
         out = func(*args, **kwargs)
         self._provenance(func, name, args, kwargs, out)

@@ -246,8 +246,9 @@ def prediction_distillation(student: Layer, teacher: Layer, threshold: float,
     if by_mask if by_mask is not None else keep.device.type != "cpu":
         bs, bt = student["pred_boxes"].float().flatten(0, 1), teacher["pred_boxes"].float().flatten(0, 1)
         kept = keep.flatten()[:, None]
-        still = bs.new_tensor([0.5, 0.5, 0.5, 0.5])  # a valid box: identical pairs give L1 0 and GIoU 1 exactly
-        bs, bt = torch.where(kept, bs, still), torch.where(kept, bt, still)
+        # dropped pairs become the valid box (0.5, 0.5, 0.5, 0.5) on both sides: L1 0 and GIoU 1 exactly (a number,
+        # not new_tensor: that would be a blocking upload on a GPU)
+        bs, bt = torch.where(kept, bs, 0.5), torch.where(kept, bt, 0.5)
     else:
         bs, bt = student["pred_boxes"][keep].float(), teacher["pred_boxes"][keep].float()
     giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(bs), box_cxcywh_to_xyxy(bt))

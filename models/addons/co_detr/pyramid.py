@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from util.misc import NestedTensor
+from util.misc import NestedTensor, host_tensor_to
 
 
 def gn_groups(channels: int) -> int:
@@ -80,10 +80,14 @@ def image_sizes(images: Any, targets: Sequence[dict] | None) -> list[tuple[int, 
 
 def pixel_targets(targets: Sequence[dict], sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
     """Targets with normalised cxcywh boxes -> ``boxes`` xyxy in pixels of the unpadded image, ``labels`` as given."""
+    if not targets:
+        return []
+    # every image's (w, h, w, h) in one non-blocking upload (``new_tensor`` per image: a blocking copy on a GPU)
+    scales = host_tensor_to([[w, h, w, h] for h, w in sizes], torch.float32, targets[0]["boxes"].device)
     out = []
-    for t, (h, w) in zip(targets, sizes):
+    for t, scale in zip(targets, scales):
         boxes = t["boxes"].float()
         cx, cy, bw, bh = boxes.unbind(-1)
         xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
-        out.append({"boxes": xyxy * boxes.new_tensor([w, h, w, h]), "labels": t["labels"]})
+        out.append({"boxes": xyxy * scale, "labels": t["labels"]})
     return out

@@ -108,10 +108,11 @@ def select_positives(out: AuxHeadOutput, sizes: Sequence[tuple[int, int]], num_c
     flat = host_tensor_to(np.concatenate([np.zeros(0, np.int64)] + [a.astype(np.int64) for pair in chosen
                                                                      for a in pair]), torch.long, device)
     parts = iter(flat.split([len(a) for pair in chosen for a in pair]))
+    # every image's (w, h, w, h) in one non-blocking upload (``new_tensor`` per image: a blocking copy on a GPU)
+    factors = host_tensor_to([[w, h, w, h] for h, w in sizes], out.coords[0].dtype, device) if sizes else []
     boxes, contents, targets, kept = [], [], [], []
-    for b, (coords, lab, tgt, (h, w)) in enumerate(zip(out.coords, labels, out.box_targets, sizes)):
+    for b, (coords, lab, tgt, factor) in enumerate(zip(out.coords, labels, out.box_targets, factors)):
         pos, take = next(parts), next(parts)
-        factor = coords.new_tensor([w, h, w, h])
         box = box_xyxy_to_cxcywh(coords[take] / factor)
         feat = feats[b][take] if feats is not None else None
         short = n - take.numel()  # too few negatives: zero boxes (the official code crashes)
