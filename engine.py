@@ -12,6 +12,7 @@ from torch import nn
 from datasets import label_category_ids
 from datasets.coco_eval import CocoEvaluator, labels_to_category_ids
 from models.addons import AddOn, StepContext, overrides, query_providers
+from models.matcher import to_host
 from util.ema import ModelEMA
 from util.logger import MetricLogger, SmoothedValue, write_scalars
 from util.misc import reduce_dict
@@ -189,20 +190,33 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     category_ids = label_category_ids(getattr(data_loader, "dataset", None))
     table = None if category_ids is None else torch.tensor(category_ids, dtype=torch.int64)
     weight_dict = criterion.weight_dict
+    fields = ("scores", "labels", "boxes")
     for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
         samples, targets = to_device(samples, targets, device)
         with autocast(device, amp, amp_dtype):
             outputs = model(samples)
+        values, weighted, reduced = [], [], {}
         if compute_losses:
             reduced = reduce_dict(criterion(outputs, targets))
-            metric_logger.update(loss=float(sum(reduced[k] * weight_dict[k] for k in reduced if k in weight_dict)),
-                                 **{k: float(v * weight_dict[k]) for k, v in reduced.items() if k in weight_dict},
-                                 **{f"{k}_unscaled": float(v) for k, v in reduced.items()})
+            weighted = [k for k in reduced if k in weight_dict]
+            total = sum(reduced[k] * weight_dict[k] for k in weighted)
+            total = total if torch.is_tensor(total) else torch.zeros((), device=device)
+            values = [torch.stack([total] + [reduced[k] * weight_dict[k] for k in weighted] + list(reduced.values()))]
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
         results = postprocessors["bbox"](outputs, orig_target_sizes)
+        # the batch's loss values, image ids and detections in ONE device-to-host copy (was a float() per loss
+        # term, an item() per image and three copies per image)
+        ids = torch.stack([t["image_id"].reshape(()) for t in targets])
+        host = to_host(values + [ids] + [r[k] for r in results for k in fields])
+        if compute_losses:
+            floats = host.pop(0).numpy().tolist()  # numpy: host data (a tensor's tolist reads like a sync)
+            metric_logger.update(loss=floats[0], **dict(zip(weighted, floats[1:1 + len(weighted)])),
+                                 **{f"{k}_unscaled": v for k, v in zip(reduced, floats[1 + len(weighted):])})
+        image_ids, host = host[0].numpy().tolist(), host[1:]
+        results = [{k: host[3 * i + j].numpy() for j, k in enumerate(fields)} for i in range(len(results))]
         if table is not None:
             results = [labels_to_category_ids(r, table) for r in results]
-        coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+        coco_evaluator.update(dict(zip(image_ids, results)))
     metric_logger.synchronize_between_processes()
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()

@@ -58,7 +58,7 @@ def labels_to_category_ids(prediction: Mapping[str, Any], table: torch.Tensor) -
     evaluation would ignore them anyway.
 
     Args:
-        prediction: ``scores`` [K], ``labels`` [K] (int64, 0..), ``boxes`` [K, 4] tensors.
+        prediction: ``scores`` [K], ``labels`` [K] (int64, 0..), ``boxes`` [K, 4]: tensors, or numpy arrays.
         table: int64 [C], ``table[label]`` = category id.
 
     Returns:
@@ -66,8 +66,10 @@ def labels_to_category_ids(prediction: Mapping[str, Any], table: torch.Tensor) -
     """
     labels = prediction["labels"]
     keep = labels < len(table)
-    mapped = {k: v[keep] if torch.is_tensor(v) and len(v) == len(labels) else v for k, v in prediction.items()}
-    mapped["labels"] = table.to(labels.device)[labels[keep]]
+    arrays = not torch.is_tensor(labels)  # numpy host copies (the evaluation loop's)
+    mapped = {k: v[keep] if (isinstance(v, np.ndarray) if arrays else torch.is_tensor(v)) and len(v) == len(labels)
+              else v for k, v in prediction.items()}
+    mapped["labels"] = table.numpy()[labels[keep]] if arrays else table.to(labels.device)[labels[keep]]
     return mapped
 
 

@@ -249,3 +249,33 @@ def test_counter_counts_blocking_uploads():
         weights * 2.0
     assert syncs.total == 4 and syncs.counts["upload new_tensor"] == 1 and syncs.counts["upload to"] == 1
     assert syncs.counts["upload tensor"] == 1 and syncs.counts["upload copy_"] == 1 and sum(syncs.uploads.values()) == 4
+
+
+@pytest.mark.parametrize("compute_losses,per_batch", [(True, 2), (False, 1)])
+def test_evaluation_syncs_per_batch(tmp_path, compute_losses, per_batch):
+    """engine.evaluate: the criterion's matching (with losses) and ONE copy of the batch's loss values, image ids
+    and detections (was a float() per loss term, an item() per image and three copies per image)."""
+    from torch.utils.data import DataLoader
+
+    import datasets
+    from engine import evaluate
+    from flags import finalize_args, get_args_parser
+    from models import build_model
+    from tests.conftest import synthetic_flags
+    from util.misc import collate_fn
+
+    args = finalize_args(get_args_parser().parse_args(synthetic_flags(tmp_path, "out", "--with_box_refine",
+                                                                      "--two_stage")))
+    model, criterion, post = build_model(args)
+    dataset = datasets.build_dataset("val", args)
+    batches = list(DataLoader(dataset, batch_size=2, collate_fn=collate_fn))  # data loading is not counted
+    logging.disable(logging.INFO)
+    try:
+        with SyncCounter() as syncs:
+            stats, _ = evaluate(model, criterion, post, batches, datasets.get_coco_api_from_dataset(dataset),
+                                torch.device("cpu"), print_freq=100, compute_losses=compute_losses)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert syncs.total == per_batch * len(batches), syncs.by_site()
+    assert not syncs.host_meets_device and len(stats["coco_eval_bbox"]) == 12
+    assert ("loss" in stats) == compute_losses
