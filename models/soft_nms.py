@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 
+from .matcher import to_host
+
 
 @torch.no_grad()
 def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, keep: int,
@@ -27,31 +29,48 @@ def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float
         boxes: [N, 4] xyxy; scores: [N]; labels: [N]; keep: how many selections to make (at most N).
 
     Returns:
-        (indices into the inputs [M], their decayed scores [M]) in selection order, M <= keep. Runs ``keep``
-        fixed steps without a host synchronisation; the result is cut to the valid selections at the end.
+        (indices into the inputs [M], their decayed scores [M]) in selection order, M <= keep.
     """
-    n = scores.numel()
+    picked, picked_scores, count = batched_soft_nms(boxes[None], scores[None], labels[None], iou_threshold, keep,
+                                                    min_score)
+    n = int(count[0])  # one read at the end (selections are valid up to the first invalid one)
+    return picked[0, :n], picked_scores[0, :n]
+
+
+@torch.no_grad()
+def batched_soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, keep: int,
+                     min_score: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
+    """``soft_nms`` of every image at once ([B, N] inputs): ``keep`` fixed steps for the whole batch, no host read.
+
+    Each step is elementwise per image plus a per-row ``argmax`` (the first maximum, as the one-image argmax), so
+    every image's selections are bitwise those of ``soft_nms`` on it alone.
+
+    Returns:
+        indices [B, S] and decayed scores [B, S] in selection order (S = min(keep, N)), and each image's number
+        of valid selections [B] (its first ones).
+    """
+    b, n = scores.shape
     steps = min(keep, n)
     if steps == 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device), scores.new_empty(0)
+        return (torch.empty(b, 0, dtype=torch.long, device=scores.device), scores.new_empty(b, 0),
+                torch.zeros(b, dtype=torch.long, device=scores.device))
     iou = box_iou(boxes, boxes)[0]
-    iou = torch.where(labels[:, None] == labels[None, :], iou, torch.zeros_like(iou))
+    iou = torch.where(labels[:, :, None] == labels[:, None, :], iou, torch.zeros_like(iou))
     decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
     scores = scores.clone()
     alive = scores >= min_score
-    picked = torch.empty(steps, dtype=torch.long, device=scores.device)
-    picked_scores = scores.new_empty(steps)
-    valid = torch.zeros(steps, dtype=torch.bool, device=scores.device)
-    neg_inf = torch.tensor(float("-inf"), device=scores.device, dtype=scores.dtype)
+    rows = torch.arange(b, device=scores.device)
+    picked = torch.empty(b, steps, dtype=torch.long, device=scores.device)
+    picked_scores = scores.new_empty(b, steps)
+    valid = torch.zeros(b, steps, dtype=torch.bool, device=scores.device)
     for step in range(steps):
-        i = torch.where(alive, scores, neg_inf).argmax()
-        valid[step] = alive[i]
-        picked[step], picked_scores[step] = i, scores[i]
-        alive[i] = False
-        scores = torch.where(alive, scores * decay[i], scores)
+        i = torch.where(alive, scores, float("-inf")).argmax(dim=1)  # a number, not a tensor: no upload
+        valid[:, step] = alive[rows, i]
+        picked[:, step], picked_scores[:, step] = i, scores[rows, i]
+        alive[rows, i] = False
+        scores = torch.where(alive, scores * decay[rows, i], scores)
         alive &= scores >= min_score
-    count = int(valid.sum())  # one read at the end (selections are valid up to the first invalid one)
-    return picked[:count], picked_scores[:count]
+    return picked, picked_scores, valid.sum(1)
 
 
 class SoftNMSPostProcess(nn.Module):
@@ -70,12 +89,13 @@ class SoftNMSPostProcess(nn.Module):
             raise ValueError("target_sizes must be [B, 2] with one row per image")
         b, q, k = logits.shape
         values, indexes = torch.topk(logits.sigmoid().view(b, -1), min(self.pre_select, q * k), dim=1)
-        results = []
-        for i in range(b):
-            h, w = target_sizes[i].unbind()
-            size = torch.stack([w, h, w, h]).to(out_boxes)
-            boxes = torch.minimum((box_cxcywh_to_xyxy(out_boxes[i, indexes[i] // k]) * size).clamp(min=0), size)
-            labels = indexes[i] % k
-            keep, scores = soft_nms(boxes, values[i], labels, self.iou_threshold, self.num_select)
-            results.append({"scores": scores, "labels": labels[keep], "boxes": boxes[keep]})
-        return results
+        h, w = target_sizes.unbind(1)
+        size = torch.stack([w, h, w, h], 1).to(out_boxes)[:, None]  # [B, 1, 4]
+        boxes = box_cxcywh_to_xyxy(out_boxes.gather(1, (indexes // k)[..., None].expand(-1, -1, 4)))
+        boxes = torch.minimum((boxes * size).clamp(min=0), size)
+        labels = indexes % k
+        # every image at once, then ONE read of the images' selection counts (was a read per image)
+        keep, scores, counts = batched_soft_nms(boxes, values, labels, self.iou_threshold, self.num_select)
+        counts = to_host([counts])[0].numpy().tolist() if b else []
+        return [{"scores": scores[i, :n], "labels": labels[i, keep[i, :n]], "boxes": boxes[i, keep[i, :n]]}
+                for i, n in enumerate(counts)]

@@ -75,3 +75,30 @@ def test_flag_wraps_sigmoid_hosts_and_refuses_softmax():
         build_model(finalize_args(get_args_parser().parse_args(["-m", "detr", "--soft_nms", "0.8", *small])))
     with pytest.raises(FlagError):
         build_model(finalize_args(get_args_parser().parse_args(["--soft_nms", "1.5", *small])))
+
+
+def test_batch_at_once_is_each_image_alone_with_one_read():
+    """The post-processor runs every image's soft-NMS at once and reads the selection counts once: bitwise the
+    one-image ``soft_nms`` of each image, one host-device sync for the batch."""
+    from models.soft_nms import batched_soft_nms
+    from util.box_ops import box_cxcywh_to_xyxy
+    from util.sync_counter import SyncCounter
+
+    g = torch.Generator().manual_seed(3)
+    # low scores: many fall under min_score, so the images keep different numbers of their 120
+    logits, boxes = torch.randn(3, 40, 6, generator=g) * 3 - 6, torch.rand(3, 40, 4, generator=g) * 0.5 + 0.25
+    sizes = torch.tensor([[64, 64], [48, 56], [100, 30]])
+    post = SoftNMSPostProcess(0.3, 120, 120)
+    with SyncCounter() as syncs:
+        results = post({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    assert syncs.total == 1 and not syncs.host_meets_device
+    values, indexes = torch.topk(logits.sigmoid().view(3, -1), 120, dim=1)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        size = torch.tensor([w, h, w, h], dtype=torch.float32)
+        box = torch.minimum((box_cxcywh_to_xyxy(boxes[i, indexes[i] // 6]) * size).clamp(min=0), size)
+        keep, scores = soft_nms(box, values[i], indexes[i] % 6, 0.3, 120)
+        assert torch.equal(results[i]["scores"], scores) and torch.equal(results[i]["boxes"], box[keep])
+        assert torch.equal(results[i]["labels"], (indexes[i] % 6)[keep])
+    assert len({len(r["scores"]) for r in results}) > 1  # the images keep different numbers
+    empty = batched_soft_nms(torch.zeros(2, 0, 4), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.long), 0.5, 10)
+    assert empty[0].shape == (2, 0) and empty[2].tolist() == [0, 0]
