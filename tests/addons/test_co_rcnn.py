@@ -420,3 +420,24 @@ def test_rpn_assignment_of_the_batch_is_each_images(monkeypatch):
     assert (assigned[0] > 0).any() and not (assigned[1] != 0).any()
     monkeypatch.setattr(rcnn_rpn, "MAX_PAIRS", 1)
     assert all(torch.equal(a, b) for a, b in zip(assigned, rpn.assign(level_anchors, sizes, image_sizes, targets)[2]))
+
+
+def test_device_nms_rounds_adapt_both_ways():
+    """A step that did not converge doubles the rounds (up to 64); 100 converged steps in a row halve a raised
+    count again, never below the default."""
+    from models.addons.co_detr.rcnn_rpn import NMS_ROUNDS
+
+    rpn = AuxRPN(in_channels=16, strides=STRIDES)
+    rp = rpn.prepare(pyramid(1, 64, 64), [(64, 64)], [targets_two_images()[1]])
+    assert rpn.nms_rounds == NMS_ROUNDS
+    for _ in range(3):
+        rpn.settle(rp, False)
+    assert rpn.nms_rounds == 64 and rpn.settle(rp, False) is not rp and rpn.nms_rounds == 64
+    for _ in range(99):
+        assert rpn.settle(rp, True) is rp
+    assert rpn.nms_rounds == 64
+    rpn.settle(rp, True)
+    assert rpn.nms_rounds == 32
+    for _ in range(300):
+        rpn.settle(rp, True)
+    assert rpn.nms_rounds == NMS_ROUNDS

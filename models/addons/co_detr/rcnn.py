@@ -244,8 +244,9 @@ class RCNNAuxHead(nn.Module):
         images = self.assign_rois(rp.proposals, rp.counts, targets)
         host = yield rp.assigned + [im[3] for im in images] + [im[4] for im in images] + [rp.converged]
         rpn_host, roi_host, level_host = host[:batch], host[batch:2 * batch], host[2 * batch:3 * batch]
-        if not host[-1].numpy():  # the device NMS needed more rounds: the exact proposals, their own copy
-            rp = self.rpn.settle(rp, False)
+        converged = bool(host[-1].numpy())
+        rp = self.rpn.settle(rp, converged)
+        if not converged:  # the device NMS needed more rounds: the exact proposals, their own copy
             images = self.assign_rois(rp.proposals, rp.counts, targets)
             again = to_host([im[3] for im in images] + [im[4] for im in images])
             roi_host, level_host = again[:batch], again[batch:]

@@ -40,6 +40,7 @@ from .rcnn_ops import (
 # CUDA kernel reads each image's overlap mask on the host); None = the device NMS on a GPU only.
 # tools/gpu_paths.py sets True so that the CPU counts what a GPU runs.
 DEVICE_NMS: bool | None = None
+NMS_ROUNDS = 16  # the device NMS's fixed-point rounds to start with (random RPN candidates needed 10-12)
 
 
 class RPNPass(NamedTuple):
@@ -86,7 +87,8 @@ class AuxRPN(nn.Module):
         self.pos_iou, self.neg_iou, self.min_pos_iou = pos_iou, neg_iou, min_pos_iou
         self.num_samples, self.pos_fraction = num_samples, pos_fraction
         self.pre_nms_top_n, self.nms_iou, self.post_nms_top_n = pre_nms_top_n, nms_iou, post_nms_top_n
-        self.nms_rounds = 16  # fixed-point rounds of the device NMS (doubled after a step that needed more)
+        self.nms_rounds = NMS_ROUNDS  # fixed-point rounds of the device NMS (adapted by ``settle``)
+        self._converged_steps = 0
 
     def anchors(self, feat_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Per level [H_l * W_l * A, 4] anchors, xyxy pixels."""
@@ -171,9 +173,15 @@ class AuxRPN(nn.Module):
 
     def settle(self, rp: RPNPass, converged: bool) -> RPNPass:
         """``rp`` itself when its device NMS converged (the flag read on the host by the caller), else its exact
-        proposals; the next steps then run twice as many fixed-point rounds (up to 64)."""
+        proposals; the next steps then run twice as many fixed-point rounds (up to 64). After 100 converged steps
+        in a row a raised count halves again (not below ``NMS_ROUNDS``), so that one deep step does not cost
+        every later one."""
         if converged:
+            self._converged_steps += 1
+            if self._converged_steps >= 100 and self.nms_rounds > NMS_ROUNDS:
+                self.nms_rounds, self._converged_steps = max(NMS_ROUNDS, self.nms_rounds // 2), 0
             return rp
+        self._converged_steps = 0
         self.nms_rounds = min(2 * self.nms_rounds, 64)
         return self.exact_proposals(rp)
 
