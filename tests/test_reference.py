@@ -4,6 +4,11 @@ Each model is built from ``main.get_args_parser().parse_args(ref["flags"])`` alo
 no data), the deterministic weights of tests/reference_weights.py load with a strict load_state_dict,
 and outputs (1e-5), every weighted loss term, the post-processed detections and, for training steps,
 the total loss (1e-4) and every parameter's gradient norm (1e-3 relative) match the official code.
+
+The loss terms are checked twice: our criterion on the official outputs (the reference README's 1e-6 relative;
+bitwise equal on the machines tried), and end to end on our own outputs, which match the official ones to 1e-5 and
+whose last bits depend on the thread count (the convolutions' and matmuls' blocking), so a term may move by
+~1e-6 relative between one and two threads.
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ REF_DIR = ROOT / "tests" / "data" / "reference"
 EVAL_REFS = ["deformable_plain", "deformable_twostage", "dino_4scale"]
 # Official key names of this project's encoder-proposal losses (DINO calls them "interm").
 KEY_NAMES = {"_interm": "_enc"}
-# Relative tolerance of every weighted loss term (DINO's GIoU terms: <= 5.6e-7 relative with its +1e-6 in the
-# union and hull, 5.1e-6 without it).
+# Relative tolerance of every weighted loss term computed by our criterion from the official outputs (DINO's GIoU
+# terms: <= 5.6e-7 relative with its +1e-6 in the union and hull, 5.1e-6 without it).
 LOSS_RTOL: dict[str, float] = {}
+# ... and end to end, from our own outputs (1e-5 like the outputs: deformable_twostage's loss_giou_3 is 1.0e-6
+# relative off with OMP_NUM_THREADS=1 and within 1e-6 with 2 threads)
+END_TO_END_LOSS_RTOL = 1e-5
 
 
 def _ours(key: str) -> str:
@@ -101,9 +109,7 @@ def test_outputs_match(evaluated):
         torch.testing.assert_close(out["enc_outputs"]["pred_boxes"], enc["pred_boxes"], rtol=1e-5, atol=1e-5)
 
 
-def test_every_weighted_loss_term_and_weight_matches(evaluated):
-    name, ref, criterion, _, losses, _ = evaluated
-    rtol = LOSS_RTOL.get(name, 1e-6)
+def _assert_losses_match(name: str, ref: dict, criterion, losses: dict, rtol: float) -> None:
     weighted = {k: w for k, w in ref["weight_dict"].items() if w and not (name == "dino_4scale" and "_dn" in k)}
     assert weighted  # DINO's zero "_dn" placeholders of an evaluation step are not reproduced (no denoising)
     for key, w in weighted.items():
@@ -113,6 +119,28 @@ def test_every_weighted_loss_term_and_weight_matches(evaluated):
         assert losses[_ours(key)].item() * w == pytest.approx(float(ref["losses"][key]) * w, rel=rtol, abs=1e-6), key
     for key in ("class_error", "cardinality_error"):
         assert losses[key].item() == pytest.approx(float(ref["losses"][key]), rel=1e-5, abs=1e-6)
+
+
+def test_every_weighted_loss_term_and_weight_matches(evaluated):
+    name, ref, criterion, _, losses, _ = evaluated
+    _assert_losses_match(name, ref, criterion, losses, END_TO_END_LOSS_RTOL)
+
+
+def test_criterion_on_the_official_outputs_matches(evaluated):
+    """The criterion alone, fed the official predictions (ours supply only what the official dicts lack, e.g.
+    DINO's denoising bookkeeping): matching and every weighted term to the reference README's 1e-6 relative."""
+    name, ref, criterion, out, _, _ = evaluated
+    theirs = ref["outputs"]
+    fields = ("pred_logits", "pred_boxes")
+    official = dict(out, **{k: theirs[k] for k in fields})
+    official["aux_outputs"] = [dict(a, **{k: t[k] for k in fields})
+                               for a, t in zip(out["aux_outputs"], theirs["aux_outputs"], strict=True)]
+    enc = theirs.get("enc_outputs", theirs.get("interm_outputs"))
+    if enc is not None:
+        official["enc_outputs"] = dict(out["enc_outputs"], **{k: enc[k] for k in fields})
+    with torch.no_grad():
+        losses = criterion(official, ref["targets"])
+    _assert_losses_match(name, ref, criterion, losses, LOSS_RTOL.get(name, 1e-6))
 
 
 def test_postprocessed_results_match(evaluated):
