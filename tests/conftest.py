@@ -35,7 +35,11 @@ def synthetic_flags(tmp_path, out: str = "out", *extra: str) -> list[str]:
 def _seed():
     torch.manual_seed(0)
     logging.getLogger("models.backbone").setLevel(logging.ERROR)
+    threads = torch.get_num_threads()
     yield
+    # A test that changes the intra-op thread count gives it back: the resume tests compare a run in this process
+    # with one in a subprocess (OMP_NUM_THREADS's count), and the float sums' last bits depend on it.
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -43,12 +43,13 @@ def _flags(tmp_path, out, *extra):
 def test_two_processes_match_one_process_with_double_batch(tmp_path):
     flags = [f for f in _flags(tmp_path, "ddp") if f != "--backbone_from_scratch"]
     _launch(2, flags + ["--batch_size", "2"])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = [f for f in _flags(tmp_path, "single") if f != "--backbone_from_scratch"]
         train_main.main(finalize_args(get_args_parser().parse_args(single + ["--batch_size", "4"])))
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)  # the session's own: later tests compare with subprocesses
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pth")["model"]
     one = load_checkpoint(tmp_path / "single" / "checkpoint.pth")["model"]
     init = None
@@ -74,12 +75,13 @@ def test_two_processes_keep_the_ema_of_one_process(tmp_path):
     """--use_ema under DDP: the EMA (never a DDP parameter) follows the all-reduced weights on every rank."""
     ema = ["--use_ema", "--ema_decay", "0.5"]
     _launch(2, [f for f in _flags(tmp_path, "ddp", *ema) if f != "--backbone_from_scratch"] + ["--batch_size", "2"])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = [f for f in _flags(tmp_path, "single", *ema) if f != "--backbone_from_scratch"]
         train_main.main(finalize_args(get_args_parser().parse_args(single + ["--batch_size", "4"])))
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)  # the session's own: later tests compare with subprocesses
     ddp, one = (load_checkpoint(tmp_path / run / "checkpoint.pth") for run in ("ddp", "single"))
     assert ddp["ema_updates"] == one["ema_updates"] == 3
     for name, value in one["ema_model"].items():

@@ -12,7 +12,7 @@ import main
 from models import build_model
 from tests.conftest import tiny_args
 from tests.models.test_official_compat import official_state
-from tests.test_reference import load_reference
+from tests.test_reference import assert_detections_match, load_reference
 from util.errors import FlagError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -41,18 +41,18 @@ def check_eval_reference(name: str) -> None:
         assert criterion.weight_dict[official_key(key)] == w, key
         if w and key in ref["losses"]:
             assert losses[key].item() == pytest.approx(float(ref["losses"][key]), rel=1e-6, abs=1e-6), key
-    for ours, theirs in zip(results, ref["results"]):
-        torch.testing.assert_close(ours["scores"], theirs["scores"], rtol=1e-5, atol=1e-5)
-        assert torch.equal(ours["labels"], theirs["labels"])
-        torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=1e-5, atol=1e-3)
+    assert_detections_match(post, ref, results)
 
 
-# Gradients that are exactly 0 in exact arithmetic (a key bias shifts every logit of a softmax row equally):
-# both implementations return float noise there, which only matches where the layouts are identical.
-NOISE_ONLY = re.compile(r".*(ca|sa)_k(content|pos)_proj\.bias")
+# Gradient norms below 1e-9 of the step's largest are float noise of the backward's sums (the reference weights give
+# norms up to 1e5): a key bias's gradient is exactly 0 in exact arithmetic (it shifts every logit of a softmax row
+# equally), the first decoder layers' self-attention sees near-identical queries. Both implementations return
+# noise there, equal bit for bit only with the same layouts and thread count (one thread instead of two: 1.2e-5
+# apart where the largest norm is 1.65e5).
+NOISE_FLOOR = 1e-9
 
 
-def check_train_reference(name: str, exact_noise: bool = True) -> None:
+def check_train_reference(name: str) -> None:
     """One training step (dropout 0; the reference's seed for denoising): every term, the total, every gradient."""
     ref, model, criterion, _ = load_reference(name)
     model.train()
@@ -71,10 +71,10 @@ def check_train_reference(name: str, exact_noise: bool = True) -> None:
                                                                           abs=1e-6), key
     params = dict(model.named_parameters())
     assert set(ref["grad_norms"]) == {n for n, p in params.items() if p.requires_grad}
+    abs_tol = max(1e-7, NOISE_FLOOR * max(float(n) for n in ref["grad_norms"].values()))
     for pname, norm in ref["grad_norms"].items():
         grad = params[pname].grad
         ours = 0.0 if grad is None else grad.norm().item()
-        abs_tol = 2e-6 if not exact_noise and NOISE_ONLY.fullmatch(pname) else 1e-7
         assert ours == pytest.approx(float(norm), rel=1e-3, abs=abs_tol), pname
 
 
