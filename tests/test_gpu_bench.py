@@ -54,3 +54,64 @@ def test_report_renders_the_nms_comparison(tmp_path):
                                          "same_proposals": True}]}
     text = report(tmp_path, {"nms": {"status": "ok", "seconds": 1.0, "command": ""}}, {"nms.json": nms}, True)
     assert "| coco (batch 2) | 15150 | 4.00 | 6.00 | 1.50 | 12 (16) | True |" in text
+
+
+STAND_IN = '''# Stands in for the official wrapper (Deformable-DETR's models/ops/functions/ms_deform_attn_func.py) on a
+# CPU: its call signature, our pure-PyTorch op behind it.
+from models.ops.functions.ms_deform_attn_func import ms_deform_attn
+
+
+class MSDeformAttnFunction:
+    @staticmethod
+    def apply(value, shapes, starts, locations, weights, im2col_step):
+        return ms_deform_attn(value, shapes, starts, locations, weights, impl="pytorch")
+'''
+
+
+def test_official_kernel_is_timed_beside_ours_and_reported(tmp_path):
+    build = tmp_path / "official_op"
+    (build / "functions").mkdir(parents=True)
+    (build / "functions" / "__init__.py").write_text("")
+    (build / "functions" / "ms_deform_attn_func.py").write_text(STAND_IN)
+    out = tmp_path / "msda.json"
+    subprocess.run([sys.executable, "tools/benchmark_msda.py", "--device", "cpu", "--cases", "cpu-dec300", "--impls",
+                    "cpu", "--dtypes", "float32", "--locations", "encoder", "--repeats", "1", "--warmup", "0",
+                    "--official_op", str(build), "--json", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    msda = json.loads(out.read_text())
+    assert [r["impl"] for r in msda["results"]] == ["cpu", "official"]
+    (agreement,) = msda["agreement_with_official"]
+    assert agreement["impl"] == "cpu" and 0 < agreement["output"] < 1e-5 and agreement["grad_value"] < 1e-5
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_bench import report
+    step = {"results": [{"config": "r50_800x1333_refine_two_stage", "batch": 2, "size": [800, 1333],
+                         "official_s": 0.195, "ours_pytorch_op_s": 0.25, "ours_s": 0.150}]}
+    log = {k: {"status": "ok", "seconds": 1.0, "command": ""} for k in ("msda", "official_step")}
+    text = report(tmp_path, log, {"msda.json": msda, "official_step.json": step}, True)
+    cpu, official = msda["results"]
+    assert f"{official['fwd_bwd_ms'] / cpu['fwd_bwd_ms']:.2f} |" in text.split("| cpu-dec300 | cpu | float32 |")[1]
+    assert "Our kernel against the official one on the same inputs" in text
+    assert "| r50_800x1333_refine_two_stage (batch 2, 800x1333) | 0.1950 | 0.2500 | 0.1500 | 1.30 |" in text
+
+
+def test_official_sources_are_updated_for_torch_2_or_refused(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from build_official_op import UPDATES, update_sources
+    ops = tmp_path / "official" / "models" / "ops"
+    (ops / "src" / "cuda").mkdir(parents=True)
+    (ops / "functions").mkdir()
+    source = ('#include <THC/THCAtomics.cuh>\nAT_ASSERTM(value.type().is_cuda(), "x");\n'
+              'AT_DISPATCH_FLOATING_TYPES(value.type(), "f", ([&] { value.data<scalar_t>(); }));\nAT_ERROR("cpu");\n')
+    (ops / "src" / "cuda" / "ms_deform_attn_cuda.cu").write_text(source)
+    counts = update_sources(tmp_path / "official", tmp_path / "build")
+    assert set(counts) == {pattern for pattern, _, _ in UPDATES} and all(counts.values())
+    assert (tmp_path / "build" / "src" / "cuda" / "ms_deform_attn_cuda.cu").read_text() == (
+        '#include <ATen/cuda/Atomic.cuh>\nTORCH_CHECK(value.is_cuda(), "x");\n'
+        'AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "f", ([&] { value.data_ptr<scalar_t>(); }));\n'
+        'TORCH_CHECK(false, "cpu");\n')
+    (ops / "src" / "cuda" / "ms_deform_attn_cuda.cu").write_text("// already updated\n")
+    with pytest.raises(SystemExit, match="found nothing to update"):
+        update_sources(tmp_path / "official", tmp_path / "build")
+    with pytest.raises(SystemExit, match="not a checkout"):
+        update_sources(tmp_path, tmp_path / "build")

@@ -21,6 +21,9 @@ of the memory-traffic floor (compulsory bytes at the measured device-to-device c
 
 --tunings adds the CUDA kernel under other launch settings (DETR_MSDA_CUDA_TUNING, see
 models/ops/src/cuda/ms_deform_attn_cuda.cu), named "cuda:<setting>", side by side with its defaults.
+--official_op DIR adds the official Deformable-DETR kernel as built by tools/build_official_op.py (impl
+"official", fp32 and fp64 only, as the original), side by side with ours, and reports how far each of our
+implementations is from it on the same inputs (output and the three gradients, relative to the largest value).
 """
 from __future__ import annotations
 
@@ -112,6 +115,27 @@ def make_inputs(case: str, dtype: torch.dtype, locations: str, device: str, seed
 
 
 TUNING_VARIABLE = "DETR_MSDA_CUDA_TUNING"
+# The official kernel (--official_op): its autograd Function, and the im2col step its module passes (64)
+OFFICIAL = {"function": None, "im2col_step": 64}
+OFFICIAL_DTYPES = (torch.float32, torch.float64)
+
+
+def load_official(build_dir: str) -> None:
+    """The official op's Python wrapper and extension, from tools/build_official_op.py's folder."""
+    sys.path.insert(0, os.path.abspath(build_dir))
+    from functions.ms_deform_attn_func import MSDeformAttnFunction  # noqa: PLC0415 (the official package)
+    OFFICIAL["function"] = MSDeformAttnFunction
+
+
+@contextlib.contextmanager
+def implementation(impl: str):
+    """The op of an implementation, ``op(value, shapes, starts, loc, attn)``: ours by name (``cuda:<setting>``: with
+    that launch setting, for the forward and backward run inside the block) or "official"."""
+    if impl == "official":
+        yield lambda *inputs: OFFICIAL["function"].apply(*inputs, OFFICIAL["im2col_step"])
+        return
+    with launch_settings(impl) as name:
+        yield lambda *inputs: ms_deform_attn(*inputs, impl=name)
 
 
 @contextlib.contextmanager
@@ -219,21 +243,41 @@ def case_functions(case: str, dtype: torch.dtype, locations: str, impls: list[st
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device, dtype=dtype)
 
     def forward(impl: str):
-        with torch.no_grad(), launch_settings(impl) as name:
-            return ms_deform_attn(value, shapes, starts, loc, attn, impl=name)
+        with torch.no_grad(), implementation(impl) as op:
+            return op(value, shapes, starts, loc, attn)
 
-    def forward_backward(impl: str):
+    def forward_backward(impl: str, keep: bool = False):
         v, lc, a = leaves[impl]
-        with launch_settings(impl) as name:
-            out = ms_deform_attn(v, shapes, starts, lc, a, impl=name)
+        with implementation(impl) as op:
+            out = op(v, shapes, starts, lc, a)
             torch.autograd.backward(out, grad, inputs=[v, lc, a])
+        grads = (out.detach(), v.grad, lc.grad, a.grad) if keep else None
         v.grad = lc.grad = a.grad = None
+        return grads
 
     return inputs, forward, forward_backward
 
 
+def agreement_with_official(case: str, dtype: torch.dtype, locations: str, impls: list[str], device: str) -> list[dict]:
+    """How far each implementation is from the official kernel on the same inputs: max |ours - official| of the
+    output and the value, location and weight gradients, over the official tensor's largest magnitude."""
+    _, _, forward_backward = case_functions(case, dtype, locations, impls, device)
+    theirs = forward_backward("official", keep=True)
+    rows = []
+    for impl in impls:
+        if impl == "official":
+            continue
+        ours = forward_backward(impl, keep=True)
+        diff = {name: float((o.double() - t.double()).abs().max() / t.double().abs().max().clamp_min(1e-30))
+                for name, o, t in zip(("output", "grad_value", "grad_loc", "grad_attn"), ours, theirs)}
+        rows.append({"case": case, "impl": impl, "dtype": str(dtype).replace("torch.", ""), "locations": locations,
+                     **diff})
+    return rows
+
+
 def bench_case(case: str, dtype: torch.dtype, locations: str, impls: list[str], device: str, warmup: int,
                repeats: int, bandwidth: float | None) -> list[Result]:
+    impls = [i for i in impls if i != "official" or dtype in OFFICIAL_DTYPES]
     inputs, forward, forward_backward = case_functions(case, dtype, locations, impls, device)
     samples = inputs[3].numel() // 2
     timer = Timer(device)
@@ -306,6 +350,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="default: 2 on CPU, 20 on GPU")
     parser.add_argument("--repeats", type=int, default=None, help="default: 7 on CPU, 100 on GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--official_op", metavar="DIR",
+                        help="also the official kernel, built in DIR by tools/build_official_op.py (fp32 cases)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -316,6 +362,9 @@ def main() -> None:
         if "cuda" not in available_impls(args.device):
             parser.error("--tunings needs the CUDA kernel on a CUDA device")
         impls = impls + [f"cuda:{setting}" for setting in args.tunings]
+    if args.official_op:
+        load_official(args.official_op)
+        impls = impls + ["official"]
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"]))]
     warmup = args.warmup if args.warmup is not None else (20 if gpu else 2)
     repeats = args.repeats if args.repeats is not None else (100 if gpu else 7)
@@ -323,19 +372,26 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} CPU"
     print(f"torch {torch.__version__}, {device_name}, {torch.get_num_threads()} threads, implementations {impls}, "
           f"load average {os.getloadavg()[0]:.1f}" + (f", copy bandwidth {bandwidth / 1e9:.0f} GB/s" if gpu else ""))
-    results = []
+    results, agreement = [], []
     for case in args.cases or DEFAULT_CASES[args.device]:
         for dtype in dtypes:
             for locations in args.locations:
                 results += bench_case(case, dtype, locations, impls, args.device, warmup, repeats, bandwidth)
+                if args.official_op and dtype in OFFICIAL_DTYPES:
+                    agreement += agreement_with_official(case, dtype, locations, impls, args.device)
     measure_memory(results, args.device)
     print_table(results)
+    if agreement:
+        print("\nagainst the official kernel, same inputs (max |difference| / max |official|):")
+        for a in agreement:
+            print(f"{a['case']:<11}{a['locations']:<10}{a['dtype']:<9}{a['impl']:<12}output {a['output']:.1e}  "
+                  f"grad value {a['grad_value']:.1e}  grad loc {a['grad_loc']:.1e}  grad attn {a['grad_attn']:.1e}")
     print(f"load average at the end {os.getloadavg()[0]:.1f} (times are medians of {repeats}, implementations "
           "interleaved; x = speed-up over pytorch)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "results": [asdict(r) for r in results]}, f, indent=1)
+                       "results": [asdict(r) for r in results], "agreement_with_official": agreement}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
     python tools/compare_official_step.py --official ~/src/Deformable-DETR            # the spec's CPU case
     python tools/compare_official_step.py --official ~/src/Deformable-DETR --only r50_320x512 --threads 2
+    PYTHONPATH=/tmp/official_op python tools/compare_official_step.py --official .official/Deformable-DETR --device cuda
 
 ``--official`` is a checkout of fundamentalvision/Deformable-DETR (nothing of it is copied here: it runs in its own
 worker process, from its own directory). On a CPU its compiled CUDA op is replaced by the grid_sample core its
 repository ships (``ms_deform_attn_core_pytorch``), its backbone is built without the ImageNet download its
 ``pretrained=True`` asks for, and its ``util/misc.py`` is shown a torchvision version it can parse; nothing else
-of it is touched. On a GPU (``--device cuda``) its op must be built (its ``models/ops/make.sh``) and is used as is;
-each step ends with a read of the loss, so the time is the device's.
+of it is touched. On a GPU (``--device cuda``) its op must be built and importable (its ``models/ops/make.sh``, or on
+torch 2 ``tools/build_official_op.py`` with the build folder on PYTHONPATH) and is used as is; each step ends with a
+read of the loss, so the time is the device's. Configurations: the CPU's by default on a CPU, the GPU's
+(R50 two-stage + refine, batch 2 of 800x1333, the official recipe's size) on a GPU.
 
 Three workers per configuration (specs/performance.md §5.1 "model-step-tiny"): the official code, ours with the
 pure-PyTorch op (the same grid_sample core: the rest of the step compared), ours with the default op (our C++ or
@@ -20,6 +23,7 @@ gradient clipping 0.1, AdamW) after one untimed step. Prints each worker's media
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -35,7 +39,10 @@ CONFIGS = {
     "r50_320x512": ("--backbone resnet50 --enc_layers 2 --dec_layers 2", "--num_classes 91", 1, (320, 512)),
     "r50_320x512_refine_two_stage": ("--backbone resnet50 --enc_layers 2 --dec_layers 2 --with_box_refine "
                                      "--two_stage", "--num_classes 91", 1, (320, 512)),
+    "r50_800x1333_refine_two_stage": ("--backbone resnet50 --with_box_refine --two_stage", "--num_classes 91", 2,
+                                      (800, 1333)),
 }
+DEFAULT_CONFIGS = {"cpu": ["r50_320x512", "r50_320x512_refine_two_stage"], "cuda": ["r50_800x1333_refine_two_stage"]}
 
 # Run first in the official worker on a CPU (see the module docstring).
 PRELUDE_CPU = r'''
@@ -68,6 +75,7 @@ def main() -> int:
     p.add_argument("--rounds", default=5, type=int)
     p.add_argument("--steps", default=3, type=int, help="timed steps per round")
     p.add_argument("--threads", default=0, type=int, help="torch threads of each worker (0: torch's default)")
+    p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     official = args.official.expanduser().resolve()
     if not (official / "models" / "deformable_detr.py").is_file() or not (official / "main.py").is_file():
@@ -78,9 +86,10 @@ def main() -> int:
     print("| configuration | official s/step | ours, PyTorch op | ours, default op | official / ours (PyTorch op) | "
           "official / ours (default op) |")
     print("|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (flags, ours_only, batch, size) in CONFIGS.items():
-            if args.only and name not in args.only:
+            if name not in (args.only or DEFAULT_CONFIGS[args.device]):
                 continue
             flags = f"{flags} --device {args.device}"
             weights = str(Path(tmp) / f"{name}.pth")
@@ -102,6 +111,11 @@ def main() -> int:
             t = {side: statistics.median(v) for side, v in times.items()}
             print(f"| {name} | {t['official']:.3f} | {t['pytorch']:.3f} | {t['default']:.3f} | "
                   f"{t['official'] / t['pytorch']:.2f} | {t['official'] / t['default']:.2f} |", flush=True)
+            rows.append({"config": name, "flags": flags, "batch": batch, "size": list(size), "device": args.device,
+                         "official_s": t["official"], "ours_pytorch_op_s": t["pytorch"], "ours_s": t["default"],
+                         "rounds": args.rounds, "steps": args.steps})
+    if args.json:
+        args.json.write_text(json.dumps({"results": rows}, indent=1))
     return 0
 
 

@@ -96,11 +96,16 @@ for line in sys.stdin:
 def start_worker(tree: Path, flags: str, batch: int, size: tuple[int, int], threads: int,
                  env: dict[str, str] | None = None) -> subprocess.Popen:
     """A worker building the model of ``flags`` in ``tree`` (``env``: the STEP_WORKER_* variables above)."""
+    log = tempfile.TemporaryFile(mode="w+")  # its stderr: the reason, if it fails
     proc = subprocess.Popen([sys.executable, "-c", WORKER, flags, str(batch), str(size[0]), str(size[1]), str(threads)],
-                            cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                             text=True, env={**os.environ, **(env or {})})
     if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError(f"the worker in {tree} failed to build the model (flags: {flags})")
+        proc.kill()
+        proc.wait()
+        log.seek(0)
+        tail = "".join(log.readlines()[-15:])
+        raise RuntimeError(f"the worker in {tree} failed to build the model (flags: {flags}):\n{tail}")
     return proc
 
 

@@ -4,6 +4,10 @@
     python tools/gpu_bench.py --out OUT      # the op already built
     python tools/gpu_bench.py --smoke --out OUT   # the same steps on the CPU with tiny sizes (wiring check)
 
+With ``--official_op`` (the official kernel built by tools/build_official_op.py) the op is timed beside the official
+kernel, and with ``--official`` (its checkout) the official training step beside ours; gpu_bench.sh passes both
+when .official/Deformable-DETR is there (tools/device_official.sh).
+
 Each step is a subprocess of the repository's own tools with a time limit; a step that fails or times out is
 reported as such and the next one runs. Steps are ordered by what the performance spec needs most, and once
 ``--budget`` seconds are spent the remaining ones are reported as skipped. Writes ``OUT/gpu_bench.md`` (tables
@@ -65,8 +69,11 @@ def load(path: Path) -> dict | None:
         return None
 
 
-def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
-    """(name, command, time limit in seconds, JSON file or '') of every step, most needed first."""
+def plan(smoke: bool, official_op: str | None = None, official: str | None = None
+         ) -> list[tuple[str, list[str], float, str]]:
+    """(name, command, time limit in seconds, JSON file or '') of every step, most needed first. ``official_op``:
+    the official kernel's build (tools/build_official_op.py), timed beside ours; ``official``: its checkout, whose
+    training step is timed beside ours (tools/compare_official_step.py)."""
     py = sys.executable
     if smoke:  # CPU, tiny: checks that every step runs and reports
         dev, size, batch, iters = "--device cpu", ["64", "64"], "1", ["--bench_iters", "1", "--bench_warmup", "0"]
@@ -88,13 +95,22 @@ def plan(smoke: bool) -> list[tuple[str, list[str], float, str]]:
         tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops", "tests/test_nms.py",
                  "tests/addons/test_co_rcnn.py"]
     bench = [py, "tools/benchmark.py", *model.split(), "--bench_size", *size, "--bench_batch", batch, *iters]
+    if official_op:
+        msda += ["--official_op", official_op]
     steps = [("cuda_tests", tests, 240, ""),
-             ("msda", msda + ["--json", "{out}/msda.json"], 120, "msda.json")]
+             ("msda", msda + ["--json", "{out}/msda.json"], 150 if official_op else 120, "msda.json")]
     for name, extra in (("r50_two_stage_fp32", []),
                         ("r50_two_stage_bf16", ["--amp", "--amp_dtype", "bf16", *PROFILE, "{out}/profile_r50_bf16.md"]),
                         ("r50_two_stage_bf16_optins", ["--amp", "--amp_dtype", "bf16", *SPEED_OPT_INS.split()])):
         steps.append((name, bench + TWO_STAGE.split() + extra + ["--json", f"{{out}}/{name}.json"], 150,
                       f"{name}.json"))
+        if name == "r50_two_stage_bf16" and official and official_op:
+            # The official code's training step beside ours (fp32 both; the official op as built), same weights
+            where = ["--only", "r50_320x512", "--rounds", "1", "--steps", "1"] if smoke else ["--rounds", "3",
+                                                                                             "--steps", "5"]
+            steps.append(("official_step", ["env", f"PYTHONPATH={official_op}", py, "tools/compare_official_step.py",
+                                             "--official", official, "--device", dev.split()[1], *where, "--json",
+                                             "{out}/official_step.json"], 200, "official_step.json"))
     small = [py, "tools/benchmark.py", *SMALL.split(), dev.split()[0], dev.split()[1], "--bench_size",
              *(["128", "128"] if not smoke else size), "--bench_batch", "8" if not smoke else "1", *iters]
     steps.append(("small_fp32", small + [*PROFILE, "{out}/profile_small_fp32.md", "--json", "{out}/small_fp32.json"],
@@ -151,13 +167,23 @@ def report(out: Path, log: dict, results: dict, smoke: bool) -> str:
     lines += [f"| {k} | {v['status']} | {v['seconds']} |" for k, v in log.items()]
     msda = results.get("msda.json")
     if msda:
+        official = {(r["case"], r["locations"]): r for r in msda["results"] if r["impl"] == "official"}
         lines += ["", "## Deformable-attention op (median ms; targets: encoder forward <= 0.150, backward <= 0.500, "
-                  "decoder forward + backward <= the official kernel's 0.13 / 0.19 at 300 / 900 queries)", "",
-                  "| case | impl | dtype | forward | forward + backward | backward |", "|---|---|---|---|---|---|"]
+                  "decoder forward + backward <= the official kernel's, timed in the same run where it was built; "
+                  "the H200 run of 2026-12-04 gave it 0.13 / 0.19 at 300 / 900 queries)", "",
+                  "| case | impl | dtype | forward | forward + backward | backward | official fp32 f+b / this f+b |",
+                  "|---|---|---|---|---|---|---|"]
         for r in msda["results"]:
+            theirs = official.get((r["case"], r["locations"]))
+            ratio = f"{theirs['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}" if theirs and r["impl"] != "official" else ""
             lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                         f"{r['fwd_bwd_ms'] - r['fwd_ms']:.3f} |")
+                         f"{r['fwd_bwd_ms'] - r['fwd_ms']:.3f} | {ratio} |")
         lines += launch_verdict(msda["results"])
+        ours = [a for a in msda.get("agreement_with_official", []) if a["impl"] in ("cuda", "cpu")]
+        if ours:
+            worst = {k: max(a[k] for a in ours) for k in ("output", "grad_value", "grad_loc", "grad_attn")}
+            lines += ["", "Our kernel against the official one on the same inputs (max |difference| / max |official|, "
+                      "worst case): " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + "."]
     models = [k for k in results if k.startswith(("r50", "small", "dino")) and results[k]]
     if models:
         lines += ["", "## Training step and inference (targets: R50 two-stage + refine bf16 step <= 100 ms; the small "
@@ -186,6 +212,16 @@ def report(out: Path, log: dict, results: dict, smoke: bool) -> str:
             r = results[k]
             lines.append(f"| {k.removeprefix('addon_').removesuffix('.json')} | `{r['addon_flags']}` | "
                          f"{r['a_s'] * 1e3:.1f} | {r['b_s'] * 1e3:.1f} | {r['ratio']:.2f} |")
+    step = results.get("official_step.json")
+    if step:
+        lines += ["", "## Training step against the official code (tools/compare_official_step.py: same weights, "
+                  "batch and targets, fp32, alternating rounds; s/step)", "",
+                  "| configuration | official | ours, official's grid_sample op | ours | official / ours |",
+                  "|---|---|---|---|---|"]
+        for r in step["results"]:
+            lines.append(f"| {r['config']} (batch {r['batch']}, {r['size'][0]}x{r['size'][1]}) | "
+                         f"{r['official_s']:.4f} | {r['ours_pytorch_op_s']:.4f} | {r['ours_s']:.4f} | "
+                         f"{r['official_s'] / r['ours_s']:.2f} |")
     nms = results.get("nms.json")
     if nms:
         lines += ["", "## Co-DETR's RPN proposals: device NMS against torchvision's image by image (ms, ending with "
@@ -205,11 +241,13 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=330, help="seconds; steps that would start later are skipped")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of every step (checks the wiring)")
     p.add_argument("--only", nargs="*", help="run only these steps")
+    p.add_argument("--official_op", help="the official kernel built by tools/build_official_op.py: timed beside ours")
+    p.add_argument("--official", help="a checkout of the official code (with --official_op): its step beside ours")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, log, results = time.time(), {}, {}
-    for name, cmd, limit, json_file in plan(args.smoke):
+    for name, cmd, limit, json_file in plan(args.smoke, args.official_op, args.official):
         if args.only and name not in args.only:
             continue
         left = args.budget - (time.time() - start)

@@ -5,8 +5,8 @@
 # denoising, the small demo model, every add-on's side-by-side cost, Co-DETR's device NMS against torchvision's).
 # Results: OUT/gpu_bench.md and .json.
 #   bash tools/gpu_bench.sh [OUT]      (default outputs/gpu_bench; extra arguments go to gpu_bench.py)
-# On a lent GPU machine (no pycocotools there): bash tools/device_wheels.sh here first, then run this there with
-# .whl carried.
+# On a lent GPU machine (no pycocotools there, no network): bash tools/device_wheels.sh and
+# bash tools/device_official.sh PATH here first, then run this there with .whl and .official carried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/gpu_bench}
@@ -21,9 +21,28 @@ if ! $PY -c "import pycocotools" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/n
 fi
 $PY -c "import pycocotools" 2>/dev/null || { echo "pycocotools is missing: run tools/device_wheels.sh here and carry .whl"; exit 1; }
 ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# The official kernel beside ours (tools/device_official.sh here put its code in .official/, carried): built at the
+# same time as ours, into /tmp/official_op; without it ours is timed alone.
+OFFICIAL=.official/Deformable-DETR
+OFFICIAL_PID=
+if [ -f "$OFFICIAL/models/ops/src/cuda/ms_deform_attn_cuda.cu" ]; then
+    TORCH_CUDA_ARCH_LIST="$ARCH" $PY tools/build_official_op.py "$OFFICIAL" /tmp/official_op > "$OUT/official_build.txt" 2>&1 &
+    OFFICIAL_PID=$!
+else
+    echo "no $OFFICIAL (run tools/device_official.sh PATH here and carry .official): our op is timed alone"
+fi
 echo "building the op for sm_${ARCH/./} only"
 start=$(date +%s)
 (cd models/ops && TORCH_CUDA_ARCH_LIST="$ARCH" FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace) \
     > "$OUT/build.txt" 2>&1 || { tail -30 "$OUT/build.txt"; echo "op build failed: $OUT/build.txt"; exit 1; }
 echo "op built in $(( $(date +%s) - start )) s"
-exec $PY tools/gpu_bench.py --out "$OUT" "$@"
+OFFICIAL_ARGS=()
+if [ -n "$OFFICIAL_PID" ]; then
+    if wait "$OFFICIAL_PID"; then
+        echo "official op built ($(( $(date +%s) - start )) s after the start of ours)"
+        OFFICIAL_ARGS=(--official_op /tmp/official_op --official "$OFFICIAL")
+    else
+        tail -15 "$OUT/official_build.txt"; echo "the official op did not build ($OUT/official_build.txt): ours is timed alone"
+    fi
+fi
+exec $PY tools/gpu_bench.py --out "$OUT" ${OFFICIAL_ARGS[@]+"${OFFICIAL_ARGS[@]}"} "$@"
