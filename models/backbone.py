@@ -44,6 +44,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(n))
         self.eps = eps
         self.keep_input_dtype = keep_input_dtype
+        self._affine_cache: tuple | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -51,15 +52,33 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _scale_shift(self) -> tuple[Tensor, Tensor]:
         w = self.weight.reshape(1, -1, 1, 1)
         b = self.bias.reshape(1, -1, 1, 1)
         rv = self.running_var.reshape(1, -1, 1, 1)
         rm = self.running_mean.reshape(1, -1, 1, 1)
         scale = w * (rv + self.eps).rsqrt()
+        return scale, b - rm * scale
+
+    def _cached_scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The scale and shift, computed again only when a buffer changed: replaced (``.to()``, assignment) or
+        written in place (``load_state_dict``, an EMA or DDP's buffer broadcast bump the version counter). The same
+        operations as per call, so the same bits; a host-bound GPU step saves nine operators per layer (53 in a
+        ResNet-50). Plain per call under torch.compile and in inference mode (no version counters there)."""
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in buffers):
+            return self._scale_shift()
+        versions = tuple(t._version for t in buffers)
+        cache = self._affine_cache
+        if cache is None or cache[1] != versions or any(a is not b for a, b in zip(cache[0], buffers)):
+            cache = self._affine_cache = (buffers, versions, *self._scale_shift())
+        return cache[2], cache[3]
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self._cached_scale_shift()
         if self.keep_input_dtype:
-            return x * scale.to(x.dtype) + (b - rm * scale).to(x.dtype)
-        return x * scale + (b - rm * scale)
+            return x * scale.to(x.dtype) + shift.to(x.dtype)
+        return x * scale + shift
 
 
 def _pair(v: int | tuple[int, ...]) -> list[int]:

@@ -1,9 +1,12 @@
-"""The ResNet backbone's CPU max pool: the same maxima and gradients as torch's pool, in every ResNet."""
+"""The ResNet backbone: its CPU max pool (the same maxima and gradients as torch's pool, in every ResNet) and its frozen
+BatchNorm's cached scale and shift (the per-call computation's bits, recomputed whenever a buffer changes)."""
 import pytest
 import torch
 from torch import nn
 
-from models.backbone import MaxPool2dCPUFast, ResNetBackbone
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from models.backbone import FrozenBatchNorm2d, MaxPool2dCPUFast, ResNetBackbone
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 17, 23), (1, 4, 32, 32)])
@@ -52,3 +55,62 @@ def test_compiled_pool_with_a_grad_requiring_input():
     y_compiled = net(x)
     y_compiled.sum().backward()
     assert torch.equal(y_compiled, y) and torch.equal(conv.weight.grad, expected)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _plain(bn: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The per-call computation (the official FrozenBatchNorm2d's)."""
+    w, b, rv, rm = (t.reshape(1, -1, 1, 1) for t in (bn.weight, bn.bias, bn.running_var, bn.running_mean))
+    scale = w * (rv + bn.eps).rsqrt()
+    return x * scale + (b - rm * scale)
+
+
+def _randomised(n: int, seed: int) -> FrozenBatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = FrozenBatchNorm2d(n)
+    bn.load_state_dict({"weight": torch.randn(n, generator=g), "bias": torch.randn(n, generator=g),
+                        "running_mean": torch.randn(n, generator=g), "running_var": torch.rand(n, generator=g) + 0.1})
+    return bn
+
+
+def test_frozen_bn_caches_its_scale_and_shift_until_a_buffer_changes():
+    bn = _randomised(6, 0)
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    assert torch.equal(bn(x), _plain(bn, x))
+    with _Count() as first:
+        bn(x)
+    with _Count() as again:
+        y = bn(x)
+    assert first.ops == again.ops == 2 and torch.equal(y, _plain(bn, x))  # was 11 a call
+    y.sum().backward()  # the cached tensors carry no graph; x gets its gradient
+    assert torch.equal(x.grad, bn.weight.reshape(1, -1, 1, 1) * (bn.running_var.reshape(1, -1, 1, 1) + bn.eps).rsqrt()
+                       .expand_as(x))
+    # written in place (load_state_dict, an EMA, DDP's broadcast), replaced, or changed in dtype: recomputed
+    bn.load_state_dict(_randomised(6, 1).state_dict())
+    assert torch.equal(bn(x), _plain(bn, x))
+    with torch.no_grad():
+        bn.running_var.mul_(2)
+    assert torch.equal(bn(x), _plain(bn, x))
+    bn.bias = torch.randn(6)
+    assert torch.equal(bn(x), _plain(bn, x))
+    bn.double()
+    assert torch.equal(bn(x.double()), _plain(bn, x.double()))
+
+
+def test_frozen_bn_in_inference_mode_then_training():
+    bn = _randomised(4, 2)
+    x = torch.randn(1, 4, 3, 3)
+    with torch.inference_mode():
+        assert torch.equal(bn(x), _plain(bn, x))
+    x.requires_grad_()
+    bn(x).sum().backward()  # no inference tensor was cached for autograd to save
+    assert x.grad is not None
