@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (about 6 minutes on one H100/H200): builds the deformable-attention op for this
-# GPU's architecture only, then runs tools/gpu_bench.py (CUDA tests, the op on the encoder/decoder shapes in
+# The GPU benchmark in one command (about 7 minutes on one H100/H200: the builds, then --budget 330 s of steps):
+# builds the deformable-attention op for this GPU's architecture only (and the official one beside it where
+# .official/ is there), then runs tools/gpu_bench.py (CUDA tests, the op on the encoder/decoder shapes in
 # fp32/bf16, R50 two-stage + refine 800x1333 batch 2 in fp32, bf16 and bf16 + --compile, DINO-4scale with
 # denoising, the small demo model, every add-on's side-by-side cost, Co-DETR's device NMS against torchvision's).
 # Results: OUT/gpu_bench.md and .json.
