@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,7 +109,9 @@ def plan(smoke: bool, official_op: str | None = None, official: str | None = Non
             # The official code's training step beside ours (fp32 both; the official op as built), same weights
             where = ["--only", "r50_320x512", "--rounds", "1", "--steps", "1"] if smoke else ["--rounds", "3",
                                                                                              "--steps", "5"]
-            steps.append(("official_step", ["env", f"PYTHONPATH={official_op}", py, "tools/compare_official_step.py",
+            # its extension first on the path, and what gpu_bench.sh put there (pycocotools on a lent machine)
+            path = os.pathsep.join(p for p in (official_op, os.environ.get("PYTHONPATH", "")) if p)
+            steps.append(("official_step", ["env", f"PYTHONPATH={path}", py, "tools/compare_official_step.py",
                                              "--official", official, "--device", dev.split()[1], *where, "--json",
                                              "{out}/official_step.json"], 200, "official_step.json"))
     small = [py, "tools/benchmark.py", *SMALL.split(), dev.split()[0], dev.split()[1], "--bench_size",
