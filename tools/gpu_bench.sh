@@ -7,13 +7,27 @@
 # Results: OUT/gpu_bench.md and .json.
 #   bash tools/gpu_bench.sh [OUT]      (default outputs/gpu_bench; extra arguments go to gpu_bench.py)
 # On a lent GPU machine (no pycocotools there, no network): bash tools/device_wheels.sh and
-# bash tools/device_official.sh PATH here first, then run this there with .whl and .official carried.
+# bash tools/device_official.sh PATH here first, then run this there with .whl and .official carried:
+#   RETURN_DIR=$OUT bash tools/gpu_bench.sh /tmp/gb
+# At the end, whatever happened, every output is packed into OUT/gpu_bench_all.tar.gz, and with RETURN_DIR set the
+# report, its JSON and that archive are copied there (a lent machine returns 8 files at most).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/gpu_bench}
 shift || true
-PY=${PYTHON:-python}
+# the Python that has torch (python3 on the lent machines)
+PY=${PYTHON:-$(for p in python3 python; do command -v $p > /dev/null && $p -c "import torch" 2>/dev/null && echo $p && break; done)}
+PY=${PY:-python3}
 mkdir -p "$OUT"
+pack() {
+    tar -czf /tmp/gpu_bench_all.tar.gz -C "$OUT" --exclude=gpu_bench_all.tar.gz . && mv /tmp/gpu_bench_all.tar.gz "$OUT/"
+    if [ -n "${RETURN_DIR:-}" ]; then
+        mkdir -p "$RETURN_DIR"
+        for f in gpu_bench.md gpu_bench.json gpu_bench_all.tar.gz; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN_DIR/"; done
+    fi
+    return 0
+}
+trap pack EXIT
 # pycocotools (imported by the data and training tools) is not on the lent GPU machines: tools/device_wheels.sh puts
 # its wheel in .whl/ here, the device run carries .whl and it is installed for this run
 if ! $PY -c "import pycocotools" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
@@ -46,4 +60,4 @@ if [ -n "$OFFICIAL_PID" ]; then
         tail -15 "$OUT/official_build.txt"; echo "the official op did not build ($OUT/official_build.txt): ours is timed alone"
     fi
 fi
-exec $PY tools/gpu_bench.py --out "$OUT" ${OFFICIAL_ARGS[@]+"${OFFICIAL_ARGS[@]}"} "$@"
+$PY tools/gpu_bench.py --out "$OUT" ${OFFICIAL_ARGS[@]+"${OFFICIAL_ARGS[@]}"} "$@"
