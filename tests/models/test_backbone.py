@@ -3,7 +3,6 @@ BatchNorm's cached scale and shift (the per-call computation's bits, recomputed 
 import pytest
 import torch
 from torch import nn
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.backbone import FrozenBatchNorm2d, MaxPool2dCPUFast, ResNetBackbone
