@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -62,11 +63,13 @@ class FrozenBatchNorm2d(nn.Module):
 
     def _cached_scale_shift(self) -> tuple[Tensor, Tensor]:
         """The scale and shift, computed again only when a buffer changed: replaced (``.to()``, assignment) or
-        written in place (``load_state_dict``, an EMA or DDP's buffer broadcast bump the version counter). The same
-        operations as per call, so the same bits; a host-bound GPU step saves nine operators per layer (53 in a
-        ResNet-50). Plain per call under torch.compile and in inference mode (no version counters there)."""
+        written in place (``load_state_dict``, an EMA: the version counter moves). The same operations as per call,
+        so the same bits; a host-bound GPU step saves nine operators per layer (53 in a ResNet-50). Plain per call
+        under torch.compile and in inference mode (no version counters there), and in a run of several processes:
+        DDP's buffer broadcast before each forward writes rank 0's values without moving the version counter."""
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in buffers):
+        if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in buffers)
+                or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)):
             return self._scale_shift()
         versions = tuple(t._version for t in buffers)
         cache = self._affine_cache

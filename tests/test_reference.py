@@ -6,9 +6,9 @@ and outputs (1e-5), every weighted loss term, the post-processed detections and,
 the total loss (1e-4) and every parameter's gradient norm (1e-3 relative) match the official code.
 
 The loss terms are checked twice: our criterion on the official outputs (the reference README's 1e-6 relative;
-bitwise equal on the machines tried), and end to end on our own outputs, which match the official ones to 1e-5 and
-whose last bits depend on the thread count (the convolutions' and matmuls' blocking), so a term may move by
-~1e-6 relative between one and two threads.
+bitwise equal on the machines tried), and end to end on our own outputs to 2e-6: those match the official ones to
+1e-5 and their last bits depend on the thread count (the convolutions' and matmuls' blocking), so a term may move
+by ~1e-6 relative between one and two threads.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ KEY_NAMES = {"_interm": "_enc"}
 # Relative tolerance of every weighted loss term computed by our criterion from the official outputs (DINO's GIoU
 # terms: <= 5.6e-7 relative with its +1e-6 in the union and hull, 5.1e-6 without it).
 LOSS_RTOL: dict[str, float] = {}
-# ... and end to end, from our own outputs (1e-5 like the outputs: deformable_twostage's loss_giou_3 is 1.0e-6
-# relative off with OMP_NUM_THREADS=1 and within 1e-6 with 2 threads)
-END_TO_END_LOSS_RTOL = 1e-5
+# ... and end to end, from our own outputs (deformable_twostage's loss_giou_3 is 1.0e-6 relative off with
+# OMP_NUM_THREADS=1 and within 1e-6 with 2 and 4 threads)
+END_TO_END_LOSS_RTOL = 2e-6
 
 
 def _ours(key: str) -> str:

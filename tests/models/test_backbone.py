@@ -113,3 +113,33 @@ def test_frozen_bn_in_inference_mode_then_training():
     x.requires_grad_()
     bn(x).sum().backward()  # no inference tensor was cached for autograd to save
     assert x.grad is not None
+
+
+def _ddp_rank(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 4, 1), _randomised(4, 3)
+    ddp = torch.nn.parallel.DistributedDataParallel(nn.Sequential(conv, bn))
+    x = torch.randn(1, 4, 2, 2)
+    ddp(x)
+    if rank == 1:  # this rank's buffer drifts (a write the version counter misses); DDP's broadcast restores rank 0's
+        bn.running_var.data.mul_(3)
+    y = ddp(x)
+    features = conv(x).detach()
+    with _Count() as count:
+        bn(features)
+    torch.save({"equal": torch.equal(y, _plain(bn, conv(x))), "ops": count.ops}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_frozen_bn_computes_per_call_under_ddp(tmp_path):
+    """DDP's buffer broadcast writes rank 0's values before each forward without moving the version counter: in a
+    run of several processes the layer computes its scale and shift at every call."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["equal"] and result["ops"] == 11

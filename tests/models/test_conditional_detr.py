@@ -44,12 +44,13 @@ def check_eval_reference(name: str) -> None:
     assert_detections_match(post, ref, results)
 
 
-# Gradient norms below 1e-9 of the step's largest are float noise of the backward's sums (the reference weights give
+# Gradient norms below 2e-10 of the step's largest are float noise of the backward's sums (the reference weights give
 # norms up to 1e5): a key bias's gradient is exactly 0 in exact arithmetic (it shifts every logit of a softmax row
 # equally), the first decoder layers' self-attention sees near-identical queries. Both implementations return
 # noise there, equal bit for bit only with the same layouts and thread count (one thread instead of two: 1.2e-5
-# apart where the largest norm is 1.65e5).
-NOISE_FLOOR = 1e-9
+# apart where the largest norm is 1.65e5, so the floor is 3.3e-5 there; 27-61 of ~350 parameters have norms small
+# enough for the floor to matter, the rest keep the 1e-3 relative check).
+NOISE_FLOOR = 2e-10
 
 
 def check_train_reference(name: str) -> None:
