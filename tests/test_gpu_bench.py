@@ -19,11 +19,15 @@ def test_smoke_run_reports_every_kind_of_step(tmp_path):
     assert {k: v["status"] for k, v in data["steps"].items()} == dict.fromkeys(steps, "ok")
     dn = data["results"]["addon_dn.json"]
     assert dn["addon_flags"] == "--use_dn" and dn["ratio"] > 0
-    assert data["results"]["small_fp32.json"]["results"]["auto"]["train_step_s"] > 0
+    small = data["results"]["small_fp32.json"]["results"]
+    # fp32, then bf16 timed in turns with it: both rows in the report, the second with its speed-up
+    assert list(small) == ["base", "--amp --amp_dtype bf16"] and all(r["train_step_s"] > 0 for r in small.values())
     report = (tmp_path / "gpu_bench.md").read_text()
     assert "| cpu-dec300 | cpu | float32 |" in report and "| dn | `--use_dn` |" in report and "| small_fp32 |" in report
+    bf16_row = next(line for line in report.splitlines() if line.startswith("| small_fp32 + `--amp --amp_dtype bf16`"))
+    assert float(bf16_row.split("|")[5]) > 0 and float(bf16_row.split("|")[6]) > 0
     # the small model's step profiled: its phases in the report, the top operators next to it
-    profile = data["results"]["small_fp32.json"]["results"]["auto"]["profile"]
+    profile = small["base"]["profile"]
     assert all(profile[f"{phase}_host_ms"] > 0 for phase in ("forward", "loss", "backward", "optimizer"))
     assert "## Where the step's time goes" in report and "| small_fp32 | " in report.split("Where the step")[1]
     assert "Operators by host self time" in (tmp_path / "profile_small_fp32.md").read_text()
