@@ -179,6 +179,35 @@ def test_module_auto_picks_the_kernel_and_matches_with_padding_mask():
 
 
 @needs_cpu_kernel
+def test_module_under_autocast_samples_half_values_at_fp32_locations(monkeypatch):
+    # --amp: the projections run in bf16 and the kernel reads the bf16 values as they are (no fp32 copy of the
+    # value map); locations and weights stay fp32 (a bf16 offset would move a point by up to 1/256 of its size)
+    import models.ops.modules.ms_deform_attn as module_file
+    seen = []
+
+    def spy(value, shapes, starts, loc, attn, impl="auto"):
+        seen.append((value.dtype, loc.dtype, attn.dtype))
+        return ms_deform_attn(value, shapes, starts, loc, attn, impl=impl)
+
+    monkeypatch.setattr(module_file, "ms_deform_attn", spy)
+    torch.manual_seed(0)
+    shapes, starts = torch.tensor([[6, 8], [3, 4]]), torch.tensor([0, 48])
+    module = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2, impl="auto")
+    with torch.no_grad():  # offsets and weights that are not all zero
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    query, memory, ref_points = torch.randn(2, 10, 64), torch.randn(2, 60, 64), torch.rand(2, 10, 2, 2)
+    expected = module(query, ref_points, memory, shapes, starts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(query, ref_points, memory, shapes, starts)
+    assert seen == [(torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.float32, torch.float32)]
+    assert out.dtype == torch.bfloat16  # the output projection is a bf16 matmul too
+    assert (out.float() - expected).abs().max() <= 3e-2 * expected.abs().max()
+    out.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+@needs_cpu_kernel
 def test_torch_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     module = MSDeformAttn(d_model=32, n_levels=2, n_heads=2, n_points=2, impl="auto")
